@@ -1,0 +1,14 @@
+//! What the ingress and the relay must agree on: the job schema, the
+//! validated domain types it is built from, the AMQP topology, and the
+//! process plumbing (telemetry, shutdown, TLS provider) both binaries share.
+
+pub mod amqp;
+pub mod domain;
+pub mod job;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+
+pub use domain::{Body, MessageKind, Recipient, Sender, ValidationError};
+pub use job::{Job, JobV1, JobDecodeError};
+pub use topology::Topology;

@@ -1,0 +1,139 @@
+//! The AMQP topology, declared by both services through one function so that
+//! they can never disagree about names or arguments.
+//!
+//! ```text
+//! ingress ──publish──▶ <prefix>.jobs (direct) ──"work"──▶ <prefix>.work (quorum)
+//!                                                            │  ▲
+//!            relay: transient failure → <prefix>.retry.<ms>  │  │ TTL expires:
+//!                   (quorum, per-queue TTL) ─────────────────┘──┘ dead-letters back
+//!            relay: permanent failure → <prefix>.dead (quorum, parking lot)
+//!            delivery-limit exceeded on work → <prefix>.dead
+//! ```
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+use std::time::Duration;
+
+/// Routing key of the work queue on the jobs exchange.
+pub const WORK_ROUTING_KEY: &str = "work";
+/// How often a delivery may be handed out before the broker parks it: the
+/// guard against a job that crashes the consumer every time.
+pub const DELIVERY_LIMIT: i64 = 10;
+
+/// AMQP headers Herald sets.
+pub mod headers {
+    /// How many delivery attempts a job has had (1 on the first retry).
+    pub const ATTEMPT: &str = "x-herald-attempt";
+    /// Why a job was parked or retried.
+    pub const REASON: &str = "x-herald-reason";
+    /// When a job was parked, in milliseconds since the Unix epoch.
+    pub const PARKED_AT: &str = "x-herald-parked-at";
+}
+
+/// The names of every exchange and queue, under one prefix so that tests and
+/// tenants can share a broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The exchange the ingress publishes to.
+    pub fn exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+
+    pub fn work_queue(&self) -> String {
+        format!("{}.work", self.prefix)
+    }
+
+    /// The parking lot for jobs that cannot be delivered.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// A delay queue, named by its delay so that relays with different
+    /// schedules never fight over a queue's arguments.
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        format!("{}.retry.{}ms", self.prefix, delay.as_millis())
+    }
+
+    /// Declares everything (idempotent). The ingress passes no retry delays;
+    /// the relay passes its schedule.
+    pub async fn declare(&self, channel: &Channel, retry_delays: &[Duration]) -> lapin::Result<()> {
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel
+            .exchange_declare(
+                self.exchange().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        channel.queue_declare(self.dead_queue().into(), durable, quorum(&[])).await?;
+        let work_args = quorum(&[
+            ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+            ("x-dead-letter-exchange", str_value("")),
+            ("x-dead-letter-routing-key", str_value(&self.dead_queue())),
+            ("x-dead-letter-strategy", str_value("at-least-once")),
+            ("x-overflow", str_value("reject-publish")),
+        ]);
+        channel.queue_declare(self.work_queue().into(), durable, work_args).await?;
+        channel
+            .queue_bind(
+                self.work_queue().into(),
+                self.exchange().into(),
+                WORK_ROUTING_KEY.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for delay in retry_delays {
+            let args = quorum(&[
+                ("x-message-ttl", AMQPValue::LongLongInt(delay.as_millis() as i64)),
+                ("x-dead-letter-exchange", str_value(&self.exchange())),
+                ("x-dead-letter-routing-key", str_value(WORK_ROUTING_KEY)),
+                ("x-dead-letter-strategy", str_value("at-least-once")),
+                ("x-overflow", str_value("reject-publish")),
+            ]);
+            channel.queue_declare(self.retry_queue(*delay).into(), durable, args).await?;
+        }
+        Ok(())
+    }
+}
+
+fn str_value(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+fn quorum(extra: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    table.insert(ShortString::from("x-queue-type"), str_value("quorum"));
+    for (key, value) in extra {
+        table.insert(ShortString::from(*key), value.clone());
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_share_the_prefix() {
+        let t = Topology::new("t1");
+        assert_eq!(t.exchange(), "t1.jobs");
+        assert_eq!(t.work_queue(), "t1.work");
+        assert_eq!(t.dead_queue(), "t1.dead");
+        assert_eq!(t.retry_queue(Duration::from_secs(5)), "t1.retry.5000ms");
+    }
+}
