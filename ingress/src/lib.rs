@@ -1,1 +1,15 @@
-pub fn x(){}
+//! herald-ingress: accepts `POST /msg` requests, authenticates them, and
+//! answers 202 only once RabbitMQ confirmed the job.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod hash_password;
+pub mod payload;
+pub mod publisher;
+pub mod routes;
+pub mod users;
+
+pub use app::Application;
+pub use error::Error;

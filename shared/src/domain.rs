@@ -29,6 +29,8 @@ pub enum ValidationError {
     NotXmlText { field: &'static str, code: u32 },
     #[error("unknown message type {0:?}; expected chat, normal, headline or groupchat")]
     UnknownKind(String),
+    #[error("a field has the wrong type: {0}")]
+    WrongType(String),
     #[error("sender {input:?} is not a valid bare JID: {reason}")]
     InvalidSender { input: String, reason: String },
 }

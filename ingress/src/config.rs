@@ -1,0 +1,54 @@
+//! Command line and environment. Every setting is an environment variable
+//! first (for containers) and a flag second.
+
+use clap::{Args, Parser, Subcommand};
+use herald_shared::amqp::DEFAULT_AMQP_URL;
+use herald_shared::domain::DEFAULT_MAX_BODY_BYTES;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "herald-ingress", version, about = "Herald's HTTP ingress: POST /msg → RabbitMQ")]
+#[command(subcommand_negates_reqs = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read a password on stdin and print its argon2id hash (PHC string) for
+    /// the users file.
+    HashPassword,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// RabbitMQ URL (amqp:// or amqps://).
+    #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "HERALD_AMQP_PREFIX", default_value = "herald")]
+    pub amqp_prefix: String,
+
+    /// TOML file of `[[users]]` with `jid`, `password_hash` (argon2id PHC) and
+    /// an optional `from` (sender JID to use instead of `jid`).
+    #[arg(long, env = "HERALD_USERS_FILE", required = true)]
+    pub users_file: Option<PathBuf>,
+
+    /// Largest message body accepted, in bytes (larger: 413).
+    #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+
+    /// How long a successful password check is remembered, in seconds (0
+    /// turns the cache off and runs argon2 on every request).
+    #[arg(long, env = "HERALD_AUTH_CACHE_SECONDS", default_value_t = 300)]
+    pub auth_cache_seconds: u64,
+}

@@ -1,0 +1,118 @@
+//! The ingress's one error type. Over HTTP every error is a JSON problem
+//! document (RFC 9457); client errors are logged at `info` at most, server
+//! errors at `warn`/`error` with their cause, and no internal detail reaches
+//! the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use herald_shared::ValidationError;
+use serde::Serialize;
+
+/// How long a client should wait before retrying a 503.
+pub const RETRY_AFTER_SECONDS: u32 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("valid credentials are required (HTTP Basic, user@host:password)")]
+    Unauthorized,
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("no such route")]
+    NotFound,
+    /// The broker is unreachable or did not confirm: retry later.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+    /// Start-up problems: bad configuration, unreadable files.
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+}
+
+impl Error {
+    fn status(&self) -> StatusCode {
+        match self {
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::Malformed(_) => StatusCode::BAD_REQUEST,
+            Error::Invalid(ValidationError::TooLong { field: "body", .. }) | Error::TooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::NotFound => StatusCode::NOT_FOUND,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) | Error::Config(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn slug(&self) -> &'static str {
+        match self {
+            Error::Unauthorized => "unauthorized",
+            Error::UnsupportedMediaType(_) => "unsupported-media-type",
+            Error::Malformed(_) => "malformed-request",
+            Error::Invalid(ValidationError::TooLong { field: "body", .. }) | Error::TooLarge(_) => "too-large",
+            Error::Invalid(_) => "invalid-message",
+            Error::NotFound => "not-found",
+            Error::Unavailable(_) => "unavailable",
+            Error::Internal(_) | Error::Config(_) | Error::Io(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = if status.is_server_error() {
+            match &self {
+                Error::Unavailable(cause) => {
+                    tracing::warn!(%cause, "answering 503");
+                    "the message queue cannot take the message right now; retry later".to_owned()
+                }
+                other => {
+                    tracing::error!(error = %other, "internal error");
+                    "internal error".to_owned()
+                }
+            }
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self, "request refused");
+            self.to_string()
+        };
+        let problem = Problem {
+            kind: format!("urn:herald:problem:{}", self.slug()),
+            title: status.canonical_reason().unwrap_or("error"),
+            status: status.as_u16(),
+            detail,
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        match self {
+            Error::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"herald\""));
+            }
+            Error::Unavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            }
+            _ => {}
+        }
+        response
+    }
+}

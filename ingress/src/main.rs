@@ -1,0 +1,32 @@
+use clap::Parser;
+use herald_ingress::config::{Cli, Command};
+use herald_ingress::{hash_password, Application};
+use herald_shared::{shutdown, telemetry};
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::HashPassword) = cli.command {
+        return match hash_password::from_stdin() {
+            Ok(phc) => {
+                println!("{phc}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("herald-ingress hash-password: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    telemetry::init();
+    telemetry::install_crypto_provider();
+    let result = async { Application::build(cli.config).await?.run_until(shutdown::signal()).await }.await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "herald-ingress stopped");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Turning a request body into message fields: `text/plain`,
+//! `application/x-www-form-urlencoded` and `application/json`, with the
+//! fields of mod_post_msg (`to`, `type`, `body`) plus `subject` and `thread`.
+//!
+//! This module only extracts; `routes` turns the fields into validated domain
+//! types.
+
+use crate::error::Error;
+use serde::Deserialize;
+
+/// The message fields as the client sent them, not yet validated.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+pub struct RawMessage {
+    pub to: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub body: Option<String>,
+    pub subject: Option<String>,
+    pub thread: Option<String>,
+}
+
+impl RawMessage {
+    /// Fields given elsewhere (the query string) fill what the body left out.
+    fn or(self, other: RawMessage) -> RawMessage {
+        RawMessage {
+            to: self.to.or(other.to),
+            kind: self.kind.or(other.kind),
+            body: self.body.or(other.body),
+            subject: self.subject.or(other.subject),
+            thread: self.thread.or(other.thread),
+        }
+    }
+}
+
+/// Parses a body according to its `Content-Type`. `query` holds fields given
+/// in the URL; the body's own fields take precedence.
+pub fn parse(content_type: Option<&str>, body: &[u8], query: RawMessage) -> Result<RawMessage, Error> {
+    let content_type = content_type.ok_or_else(|| {
+        Error::UnsupportedMediaType("a Content-Type is required: text/plain, application/x-www-form-urlencoded or application/json".into())
+    })?;
+    let mime: mime::Mime = content_type
+        .parse()
+        .map_err(|_| Error::UnsupportedMediaType(format!("cannot parse Content-Type {content_type:?}")))?;
+    match (mime.type_(), mime.subtype()) {
+        (mime::TEXT, mime::PLAIN) => {
+            check_charset(&mime)?;
+            let text = std::str::from_utf8(body).map_err(|e| Error::Malformed(format!("body is not valid UTF-8: {e}")))?;
+            Ok(RawMessage { body: Some(text.to_owned()), ..query })
+        }
+        (mime::APPLICATION, mime::WWW_FORM_URLENCODED) => {
+            let fields: RawMessage =
+                serde_urlencoded::from_bytes(body).map_err(|e| Error::Malformed(format!("cannot parse form: {e}")))?;
+            Ok(fields.or(query))
+        }
+        (mime::APPLICATION, mime::JSON) => {
+            check_charset(&mime)?;
+            let fields: RawMessage = serde_json::from_slice(body).map_err(|e| match e.classify() {
+                serde_json::error::Category::Data => Error::Invalid(herald_shared::ValidationError::WrongType(e.to_string())),
+                _ => Error::Malformed(format!("cannot parse JSON: {e}")),
+            })?;
+            Ok(fields.or(query))
+        }
+        _ => Err(Error::UnsupportedMediaType(format!(
+            "unsupported Content-Type {}; use text/plain, application/x-www-form-urlencoded or application/json",
+            mime.essence_str()
+        ))),
+    }
+}
+
+fn check_charset(mime: &mime::Mime) -> Result<(), Error> {
+    match mime.get_param(mime::CHARSET) {
+        None => Ok(()),
+        Some(c) if c == mime::UTF_8 || c.as_str().eq_ignore_ascii_case("us-ascii") => Ok(()),
+        Some(c) => Err(Error::UnsupportedMediaType(format!("charset {c} is not supported; send UTF-8"))),
+    }
+}
+
+/// The query string's message fields; unknown parameters are ignored.
+pub fn parse_query(query: Option<&str>) -> Result<RawMessage, Error> {
+    match query {
+        None | Some("") => Ok(RawMessage::default()),
+        Some(q) => serde_urlencoded::from_str(q).map_err(|e| Error::Malformed(format!("cannot parse query string: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(to: &str, body: &str) -> RawMessage {
+        RawMessage { to: Some(to.into()), body: Some(body.into()), ..Default::default() }
+    }
+
+    #[test]
+    fn text_plain_takes_the_whole_body() {
+        let m = parse(Some("text/plain; charset=UTF-8"), "a=b&c\n{}".as_bytes(), RawMessage::default()).expect("ok");
+        assert_eq!(m.body.as_deref(), Some("a=b&c\n{}"));
+    }
+
+    #[test]
+    fn form_and_json_read_the_same_fields() {
+        let form = parse(Some("application/x-www-form-urlencoded"), b"to=bob&body=hi+there&type=headline&subject=s&thread=t", RawMessage::default())
+            .expect("form");
+        let json = parse(Some("application/json"), br#"{"to":"bob","body":"hi there","type":"headline","subject":"s","thread":"t","extra":1}"#, RawMessage::default())
+            .expect("json");
+        assert_eq!(form, json);
+        assert_eq!(form.kind.as_deref(), Some("headline"));
+    }
+
+    #[test]
+    fn body_fields_win_over_the_query() {
+        let m = parse(Some("application/json"), br#"{"body":"x","to":"a"}"#, fields("b", "y")).expect("ok");
+        assert_eq!(m, fields("a", "x"));
+    }
+
+    #[test]
+    fn refusals() {
+        assert!(matches!(parse(None, b"x", RawMessage::default()), Err(Error::UnsupportedMediaType(_))));
+        assert!(matches!(parse(Some("text/html"), b"x", RawMessage::default()), Err(Error::UnsupportedMediaType(_))));
+        assert!(matches!(parse(Some("text/plain; charset=latin1"), b"x", RawMessage::default()), Err(Error::UnsupportedMediaType(_))));
+        assert!(matches!(parse(Some("text/plain"), b"\xff", RawMessage::default()), Err(Error::Malformed(_))));
+        assert!(matches!(parse(Some("application/json"), b"{", RawMessage::default()), Err(Error::Malformed(_))));
+        assert!(matches!(parse(Some("application/json"), br#"{"body": 5}"#, RawMessage::default()), Err(Error::Invalid(_))));
+        assert!(matches!(parse(Some("application/json"), b"[1]", RawMessage::default()), Err(Error::Invalid(_))));
+    }
+}

@@ -1,0 +1,106 @@
+//! HTTP handlers: extract, authenticate, validate into a job, publish, map
+//! errors. Nothing else happens here.
+
+use crate::auth::Authenticator;
+use crate::error::Error;
+use crate::payload::{self, RawMessage};
+use crate::publisher;
+use crate::users::User;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use herald_shared::amqp::ConfirmChannel;
+use herald_shared::domain::{ShortText, MAX_SUBJECT_BYTES, MAX_THREAD_BYTES};
+use herald_shared::{Body, Job, MessageKind, Recipient};
+use serde::Serialize;
+use std::sync::Arc;
+use uuid::Uuid;
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub auth: Arc<Authenticator>,
+    pub publisher: Arc<ConfirmChannel>,
+    pub max_body_bytes: usize,
+}
+
+/// The 202 answer: one entry per job.
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    pub jobs: Vec<AcceptedJob>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AcceptedJob {
+    pub id: Uuid,
+    pub to: String,
+}
+
+/// `POST /msg/{to}`
+pub async fn post_msg_to(
+    State(state): State<AppState>,
+    to: Result<Path<String>, PathRejection>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Error> {
+    let Path(to) = to.map_err(|e| Error::Malformed(e.body_text()))?;
+    accept(&state, Some(to), &uri, &headers, body).await
+}
+
+/// `POST /msg` with `to` in the body or the query string.
+pub async fn post_msg(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Error> {
+    accept(&state, None, &uri, &headers, body).await
+}
+
+/// Anything else: a problem document rather than an empty 404.
+pub async fn not_found() -> Error {
+    Error::NotFound
+}
+
+async fn accept(
+    state: &AppState,
+    path_to: Option<String>,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Error> {
+    let user = state.auth.authenticate(headers).await?;
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(format!("request body exceeds the limit: {}", e.body_text())),
+        _ => Error::Malformed(e.body_text()),
+    })?;
+    let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
+    let mut raw = payload::parse(content_type, &body, payload::parse_query(uri.query())?)?;
+    if path_to.is_some() {
+        raw.to = path_to;
+    }
+    let job = build_job(&user, raw, state.max_body_bytes)?;
+    publisher::publish(&state.publisher, &job).await?;
+    let accepted = Accepted { jobs: vec![AcceptedJob { id: job.id(), to: job_recipient(&job) }] };
+    tracing::debug!(id = %job.id(), user = %user.jid, "accepted");
+    Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
+}
+
+/// Validates the raw fields into a job sent as the user's sender.
+fn build_job(user: &User, raw: RawMessage, max_body_bytes: usize) -> Result<Job, Error> {
+    let to = Recipient::parse(raw.to.as_deref().unwrap_or(""), user.jid.domain())?;
+    let kind = MessageKind::parse(raw.kind.as_deref())?;
+    let body = Body::parse(raw.body.unwrap_or_default(), max_body_bytes)?;
+    let subject = ShortText::parse_optional("subject", raw.subject, MAX_SUBJECT_BYTES)?;
+    let thread = ShortText::parse_optional("thread", raw.thread, MAX_THREAD_BYTES)?;
+    Ok(Job::new_v1(user.sender.clone(), to, kind, body, subject, thread))
+}
+
+fn job_recipient(job: &Job) -> String {
+    match job {
+        Job::V1(v1) => v1.to.to_string(),
+    }
+}
