@@ -1,1 +1,15 @@
-pub fn x(){}
+//! herald-relay: consumes jobs from RabbitMQ and delivers them over XMPP
+//! client sessions, acking a job only once the XMPP server acknowledged its
+//! stanza.
+
+pub mod accounts;
+pub mod app;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod retry;
+pub mod session;
+pub mod stanza;
+
+pub use app::Application;
+pub use error::{DeliveryError, Error};

@@ -1,0 +1,82 @@
+//! Command line and environment: every setting is an environment variable
+//! first and a flag second.
+
+use clap::{Args, Parser};
+use herald_shared::amqp::DEFAULT_AMQP_URL;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "herald-relay", version, about = "Herald's relay: RabbitMQ → XMPP, acked only once the XMPP server acked")]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// RabbitMQ URL (amqp:// or amqps://).
+    #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
+    pub amqp_url: String,
+
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "HERALD_AMQP_PREFIX", default_value = "herald")]
+    pub amqp_prefix: String,
+
+    /// TOML file of `[[accounts]]` with `jid`, `password`, optional
+    /// `server = "host:port"` and optional `tls = "required" | "none"`.
+    #[arg(long, env = "HERALD_ACCOUNTS_FILE")]
+    pub accounts_file: PathBuf,
+
+    /// How many unacknowledged jobs the relay holds at once.
+    #[arg(long, env = "HERALD_PREFETCH", default_value_t = 256)]
+    pub prefetch: u16,
+
+    /// Delays between delivery attempts after a transient failure; after the
+    /// last one the job is parked in `<prefix>.dead`.
+    #[arg(long, env = "HERALD_RETRY_DELAYS", default_value = "1s,5s,30s,2m,10m", value_parser = parse_delays)]
+    pub retry_delays: Delays,
+
+    /// How long to wait for the XMPP server to acknowledge a stanza.
+    #[arg(long, env = "HERALD_ACK_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ack_timeout: Duration,
+
+    /// How long a job waits for its sender's session to come online before
+    /// it is retried later.
+    #[arg(long, env = "HERALD_ONLINE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub online_timeout: Duration,
+
+    /// On shutdown, how long to wait for the acks of jobs already sent.
+    #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// The retry schedule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delays(pub Vec<Duration>);
+
+fn parse_delays(text: &str) -> Result<Delays, String> {
+    let delays = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if delays.iter().any(Duration::is_zero) {
+        return Err("a retry delay must be longer than zero".into());
+    }
+    Ok(Delays(delays))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_delay_lists() {
+        assert_eq!(parse_delays("1s, 5s,2m").expect("ok").0, vec![Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(120)]);
+        assert_eq!(parse_delays("").expect("ok").0, Vec::<Duration>::new());
+        assert!(parse_delays("0s").is_err());
+        assert!(parse_delays("soon").is_err());
+    }
+}

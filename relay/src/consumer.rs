@@ -1,0 +1,223 @@
+//! Consuming the work queue: each delivery is decoded, handed to its
+//! sender's session, and settled by the outcome: ack on success, a delay
+//! queue for transient failures, the parking lot for permanent ones. A
+//! delivery is acked only after its successor (retry or parked copy) was
+//! confirmed by the broker, so no path loses a job.
+
+use crate::error::DeliveryError;
+use crate::retry::{self, Next};
+use crate::session::SessionHandle;
+use crate::stanza;
+use futures::StreamExt;
+use herald_shared::amqp::{self, ConfirmChannel, PublishError};
+use herald_shared::topology::headers;
+use herald_shared::{Job, Sender, Topology};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Pause between attempts to reach the broker.
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// Decides and carries out what happens to each delivery.
+#[derive(Debug)]
+pub struct Dispatcher {
+    pub sessions: HashMap<Sender, SessionHandle>,
+    pub publisher: Arc<ConfirmChannel>,
+    pub topology: Topology,
+    pub retry_delays: Vec<Duration>,
+    pub online_timeout: Duration,
+}
+
+impl Dispatcher {
+    pub async fn handle(&self, delivery: Delivery) {
+        let attempts = header_u32(&delivery.properties, headers::ATTEMPT);
+        let (id, outcome) = match Job::decode(&delivery.data) {
+            Err(e) => (None, Err(DeliveryError::Permanent(e.to_string()))),
+            Ok(job) => (Some(job.id()), self.deliver(&job).await),
+        };
+        let settled = match outcome {
+            Ok(()) => {
+                tracing::debug!(id = ?id, "delivered");
+                Ok(())
+            }
+            Err(error) => match retry::next_step(&error, attempts, &self.retry_delays) {
+                Next::RetryAfter { delay, attempt } => {
+                    tracing::info!(id = ?id, attempt, ?delay, %error, "delivery failed; will retry");
+                    self.retry(&delivery, delay, attempt, &error.to_string()).await
+                }
+                Next::Park { reason } => {
+                    tracing::warn!(id = ?id, attempts = attempts + 1, %reason, "parking the job in {}", self.topology.dead_queue());
+                    self.park(&delivery, attempts + 1, &reason).await
+                }
+            },
+        };
+        let result = match settled {
+            Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+            Err(e) => {
+                // Neither retried nor parked: give it back to the work queue.
+                // The broker's delivery limit bounds how often this happens.
+                tracing::warn!(id = ?id, error = %e, "cannot hand the job on; returning it to the queue");
+                delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+            }
+        };
+        if let Err(e) = result {
+            // The channel is gone; the broker redelivers the job.
+            tracing::warn!(id = ?id, error = %e, "cannot settle the delivery; it will be redelivered");
+        }
+    }
+
+    async fn deliver(&self, job: &Job) -> Result<(), DeliveryError> {
+        let session = self
+            .sessions
+            .get(job.sender())
+            .ok_or_else(|| DeliveryError::Permanent(format!("no XMPP account is configured for sender {}", job.sender())))?;
+        session.deliver(stanza::message(job), self.online_timeout).await
+    }
+
+    async fn retry(&self, delivery: &Delivery, delay: Duration, attempt: u32, reason: &str) -> Result<(), PublishError> {
+        let mut table = carried_headers(&delivery.properties);
+        table.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempt));
+        table.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
+        let expiration = retry::jittered(delay).as_millis().to_string();
+        let properties = copy_properties(&delivery.properties).with_headers(table).with_expiration(expiration.into());
+        self.publisher.publish("", &self.topology.retry_queue(delay), &delivery.data, properties).await
+    }
+
+    async fn park(&self, delivery: &Delivery, attempts: u32, reason: &str) -> Result<(), PublishError> {
+        let mut table = carried_headers(&delivery.properties);
+        table.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempts));
+        table.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
+        table.insert(headers::PARKED_AT.into(), AMQPValue::Timestamp(herald_shared::job::now_ms()));
+        let properties = copy_properties(&delivery.properties).with_headers(table);
+        self.publisher.publish("", &self.topology.dead_queue(), &delivery.data, properties).await
+    }
+}
+
+fn copy_properties(p: &BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    out.with_app_id("herald-relay".into())
+}
+
+/// Headers to keep on a republished job, without the broker's own `x-death`
+/// bookkeeping (it would grow with every retry).
+fn carried_headers(p: &BasicProperties) -> FieldTable {
+    let mut table = FieldTable::default();
+    if let Some(h) = p.headers() {
+        for (k, v) in h.inner() {
+            if k.as_str() != "x-death" && !k.as_str().starts_with("x-first-death") && !k.as_str().starts_with("x-last-death") {
+                table.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    table
+}
+
+fn header_u32(p: &BasicProperties, name: &str) -> u32 {
+    let value = p.headers().as_ref().and_then(|h| h.inner().get(&ShortString::from(name)).cloned());
+    match value {
+        Some(AMQPValue::LongUInt(v)) => v,
+        Some(AMQPValue::LongInt(v)) => v.max(0) as u32,
+        Some(AMQPValue::LongLongInt(v)) => v.clamp(0, i64::from(u32::MAX)) as u32,
+        Some(AMQPValue::ShortUInt(v)) => u32::from(v),
+        Some(AMQPValue::ShortShortUInt(v)) => u32::from(v),
+        _ => 0,
+    }
+}
+
+/// Consumes until `stop` is cancelled, reconnecting after broker failures.
+/// On stop it cancels the consumer, waits up to `drain_timeout` for the jobs
+/// in flight to be settled, then closes the channel: whatever was prefetched
+/// but not started goes back to the queue untouched.
+pub async fn run(
+    dispatcher: Arc<Dispatcher>,
+    url: String,
+    prefetch: u16,
+    drain_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    while !stop.is_cancelled() {
+        let (connection, channel, mut consumer) = match open(&url, &dispatcher, prefetch).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::warn!(url = %amqp::redact_url(&url), error = %e, "cannot consume from the broker; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(RECONNECT_DELAY) => continue,
+                }
+            }
+        };
+        tracing::info!(queue = %dispatcher.topology.work_queue(), prefetch, "consuming");
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let dispatcher = Arc::clone(&dispatcher);
+                        tracker.spawn(async move { dispatcher.handle(delivery).await });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "broker connection lost; reconnecting");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("the broker cancelled the consumer; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+        if stop.is_cancelled() {
+            let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+            if let Err(e) = tokio::time::timeout(amqp::CONNECT_TIMEOUT, cancel).await.unwrap_or(Ok(())) {
+                tracing::warn!(error = %e, "cannot cancel the consumer");
+            }
+            drain(&tracker, drain_timeout).await;
+        }
+        drop(connection.close(200, "relay stopping or reconnecting".into()).await);
+    }
+    drain(&tracker, drain_timeout).await;
+}
+
+async fn drain(tracker: &TaskTracker, timeout: Duration) {
+    tracker.close();
+    if !tracker.is_empty() {
+        tracing::info!(in_flight = tracker.len(), "waiting for the jobs in flight");
+    }
+    if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(in_flight = tracker.len(), "drain timeout: unsettled jobs go back to the queue");
+    }
+    tracker.reopen();
+}
+
+async fn open(url: &str, dispatcher: &Dispatcher, prefetch: u16) -> Result<(Connection, Channel, Consumer), lapin::Error> {
+    let connection = amqp::connect(url, "herald-relay consumer").await?;
+    let channel = connection.create_channel().await?;
+    dispatcher.topology.declare(&channel, &dispatcher.retry_delays).await?;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let consumer = channel
+        .basic_consume(
+            dispatcher.topology.work_queue().into(),
+            "herald-relay".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((connection, channel, consumer))
+}

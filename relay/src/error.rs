@@ -1,0 +1,24 @@
+//! The relay's error types: `Error` for the service, `DeliveryError` for the
+//! outcome of one delivery, classified so that the consumer knows whether to
+//! retry or park.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// Worth another attempt later: session down, timeout, connection reset,
+    /// the server saying `wait`.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Will never succeed as it is: park it for an operator.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}

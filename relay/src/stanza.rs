@@ -1,0 +1,55 @@
+//! Job → `<message/>`. xmpp-parsers serialises every field, so text can never
+//! add elements or attributes to the stanza.
+
+use herald_shared::{Job, MessageKind};
+use xmpp_parsers::message::{Id, Lang, Message, MessageType, Thread};
+
+pub fn message(job: &Job) -> Message {
+    let Job::V1(job) = job;
+    let mut message = Message::new_with_type(kind(job.kind), Some(job.to.jid().clone()));
+    message.id = Some(Id(job.id.to_string()));
+    message.from = Some(job.from.jid().clone().into());
+    message.bodies.insert(Lang::default(), job.body.as_str().to_owned());
+    if let Some(subject) = &job.subject {
+        message.subjects.insert(Lang::default(), subject.as_str().to_owned());
+    }
+    if let Some(thread) = &job.thread {
+        message.thread = Some(Thread { parent: None, id: thread.as_str().to_owned() });
+    }
+    message
+}
+
+fn kind(kind: MessageKind) -> MessageType {
+    match kind {
+        MessageKind::Chat => MessageType::Chat,
+        MessageKind::Normal => MessageType::Normal,
+        MessageKind::Headline => MessageType::Headline,
+        MessageKind::Groupchat => MessageType::Groupchat,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_shared::domain::ShortText;
+    use herald_shared::{Body, Recipient, Sender};
+    use xmpp_parsers::minidom::Element;
+
+    #[test]
+    fn hostile_text_stays_text() {
+        let from = Sender::parse("bot@example.com").expect("valid");
+        let to = Recipient::parse("ops", from.domain()).expect("valid");
+        let evil = "</body><body xmlns='x'>pwned</body>\"' &amp; ]]>";
+        let body = Body::parse(evil.into(), 1000).expect("valid");
+        let subject = ShortText::parse_optional("subject", Some(evil.into()), 1000).expect("valid");
+        let job = Job::new_v1(from, to, MessageKind::Headline, body, subject, None);
+        let xml = String::from(&Element::from(message(&job)));
+        let parsed: Element = xml.parse().expect("well-formed");
+        let back = Message::try_from(parsed).expect("a message");
+        assert_eq!(back.bodies.get(&Lang::default()).map(String::as_str), Some(evil));
+        assert_eq!(back.subjects.get(&Lang::default()).map(String::as_str), Some(evil));
+        assert_eq!(back.type_, MessageType::Headline);
+        assert_eq!(back.id.map(|i| i.0), Some(job.id().to_string()));
+        assert_eq!(back.to.map(|j| j.to_string()).as_deref(), Some("ops@example.com"));
+    }
+}
