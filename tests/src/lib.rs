@@ -1,1 +1,15 @@
-pub fn x(){}
+//! The test harness: real RabbitMQ, a private Prosody, and Herald's services
+//! on free ports, with per-test queue prefixes and fresh XMPP accounts.
+//!
+//! Nothing here sleeps for a fixed time: everything polls with a deadline.
+
+pub mod broker;
+pub mod poll;
+pub mod prosody;
+pub mod receiver;
+pub mod stack;
+
+pub use broker::Broker;
+pub use prosody::{Prosody, XmppAccount};
+pub use receiver::Receiver;
+pub use stack::{Stack, StackOptions};

@@ -1,0 +1,84 @@
+//! The RabbitMQ the tests use: `HERALD_TEST_AMQP_URL`, or the local broker.
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use std::time::Duration;
+
+pub const DEFAULT_TEST_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A connection to the test broker, and the per-test topology prefix.
+pub struct Broker {
+    pub url: String,
+    pub prefix: String,
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Broker {
+    /// Connects to the broker, or panics with what to do about it.
+    pub async fn connect() -> Self {
+        let url = std::env::var("HERALD_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_TEST_AMQP_URL.to_owned());
+        let connection = match tokio::time::timeout(Duration::from_secs(10), herald_shared::amqp::connect(&url, "herald-tests")).await {
+            Ok(Ok(c)) => c,
+            other => panic!(
+                "RabbitMQ is not reachable at {} ({:?}). Install and start it (`apt-get install -y rabbitmq-server && \
+                 rabbitmq-server -detached`) or point HERALD_TEST_AMQP_URL at a broker. No Docker engine was found for testcontainers.",
+                herald_shared::amqp::redact_url(&url),
+                other.map(|r| r.err())
+            ),
+        };
+        let channel = connection.create_channel().await.expect("channel");
+        let prefix = format!("herald-test-{}", uuid::Uuid::new_v4().simple());
+        Self { url, prefix, connection, channel }
+    }
+
+    pub fn topology(&self) -> herald_shared::Topology {
+        herald_shared::Topology::new(self.prefix.clone())
+    }
+
+    /// Messages ready in a queue (0 if it does not exist yet).
+    pub async fn ready(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let count = match channel.queue_declare(queue.into(), passive, FieldTable::default()).await {
+            Ok(q) => q.message_count(),
+            Err(_) => 0,
+        };
+        drop(channel.close(200, "done".into()).await);
+        count
+    }
+
+    /// Takes one message from a queue, if there is one.
+    pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        let message = self.channel.basic_get(queue.into(), BasicGetOptions::default()).await.ok()??;
+        message.delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+        Some(message)
+    }
+
+    /// Deletes this test's exchange and queues.
+    pub async fn cleanup(&self, retry_delays: &[Duration]) {
+        let t = self.topology();
+        let mut queues = vec![t.work_queue(), t.dead_queue()];
+        queues.extend(retry_delays.iter().map(|d| t.retry_queue(*d)));
+        for q in queues {
+            drop(self.channel.queue_delete(q.into(), QueueDeleteOptions::default()).await);
+        }
+        drop(self.channel.exchange_delete(t.exchange().into(), ExchangeDeleteOptions::default()).await);
+    }
+}
+
+/// A header's value as text (strings as they are, numbers in decimal).
+pub fn header_text(properties: &lapin::BasicProperties, name: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    let headers = properties.headers().as_ref()?;
+    Some(match headers.inner().get(&lapin::types::ShortString::from(name))? {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
+        other => format!("{other:?}"),
+    })
+}

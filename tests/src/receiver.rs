@@ -1,0 +1,112 @@
+//! A plain XMPP client that receives what Herald sends: it logs in, sends
+//! initial presence, and collects every `<message/>` that carries a body.
+
+use crate::prosody::{Prosody, XmppAccount};
+use futures::StreamExt;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_xmpp::connect::DnsConfig;
+use tokio_xmpp::parsers::message::{Message, MessageType};
+use tokio_xmpp::parsers::presence::Presence;
+use tokio_xmpp::xmlstream::Timeouts;
+use tokio_xmpp::{Client, Event, Stanza};
+
+/// What arrived, reduced to what the tests compare.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    pub id: Option<String>,
+    pub from: String,
+    pub to: String,
+    pub kind: MessageType,
+    pub body: String,
+    pub subject: Option<String>,
+    pub thread: Option<String>,
+}
+
+pub struct Receiver {
+    pub account: XmppAccount,
+    messages: mpsc::UnboundedReceiver<Received>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Receiver {
+    /// Logs in as `account` and waits until the server has reflected its
+    /// initial presence back: only then do messages to the bare JID reach it.
+    pub async fn connect(prosody: &Prosody, account: &XmppAccount) -> Self {
+        herald_shared::telemetry::install_crypto_provider();
+        let dns = DnsConfig::Addr { addr: format!("127.0.0.1:{}", prosody.port) };
+        let jid: tokio_xmpp::jid::Jid = account.jid.parse().expect("jid");
+        let mut client = Client::new_plaintext(jid, account.password.clone(), dns, Timeouts::tight());
+        let (online_tx, online_rx) = tokio::sync::oneshot::channel();
+        let (tx, messages) = mpsc::unbounded_channel();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let own = account.jid.clone();
+        tokio::spawn(async move {
+            let mut online_tx = Some(online_tx);
+            loop {
+                let event = tokio::select! {
+                    _ = &mut stopped => break,
+                    event = client.next() => match event { Some(e) => e, None => return },
+                };
+                match event {
+                    Event::Online { .. } => {
+                        client.send_stanza(Presence::available().into()).await.expect("send presence");
+                    }
+                    Event::Stanza(Stanza::Presence(p)) if p.from.as_ref().is_some_and(|f| f.to_bare().to_string() == own) => {
+                        if let Some(tx) = online_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Event::Stanza(Stanza::Message(m)) if !m.bodies.is_empty() => {
+                        let _ = tx.send(reduce(m));
+                    }
+                    _ => {}
+                }
+            }
+            let _ = client.send_end().await;
+        });
+        tokio::time::timeout(Duration::from_secs(20), online_rx)
+            .await
+            .expect("receiver online within 20 s")
+            .expect("receiver task alive");
+        Self { account: account.clone(), messages, stop: Some(stop) }
+    }
+
+    /// Waits for the next message, up to `deadline`.
+    pub async fn next(&mut self, deadline: Duration) -> Option<Received> {
+        tokio::time::timeout(deadline, self.messages.recv()).await.ok().flatten()
+    }
+
+    /// Collects messages until `n` have arrived or `deadline` passed since
+    /// the last one, and returns what arrived.
+    pub async fn collect(&mut self, n: usize, idle_deadline: Duration) -> Vec<Received> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match self.next(idle_deadline).await {
+                Some(m) => out.push(m),
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn reduce(m: Message) -> Received {
+    Received {
+        id: m.id.map(|i| i.0),
+        from: m.from.map(|j| j.to_string()).unwrap_or_default(),
+        to: m.to.map(|j| j.to_string()).unwrap_or_default(),
+        kind: m.type_,
+        body: m.bodies.values().next().cloned().unwrap_or_default(),
+        subject: m.subjects.values().next().cloned(),
+        thread: m.thread.map(|t| t.id),
+    }
+}

@@ -1,0 +1,147 @@
+//! Herald's two services, in-process, wired to the test broker and a private
+//! Prosody, with one sender account and its HTTP user.
+
+use crate::broker::Broker;
+use crate::prosody::{Prosody, XmppAccount};
+use herald_relay::config::Delays;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Run the relay (off: jobs stay in the work queue, for inspection).
+    pub relay: bool,
+    /// Broker URL for the services, if not the test broker (e.g. a dead port).
+    pub service_amqp_url: Option<String>,
+    pub retry_delays: Vec<Duration>,
+    pub stream_management: bool,
+    /// More `[[users]]` entries for the ingress users file.
+    pub extra_users: String,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            relay: true,
+            service_amqp_url: None,
+            retry_delays: vec![Duration::from_millis(200), Duration::from_millis(500)],
+            stream_management: true,
+            extra_users: String::new(),
+        }
+    }
+}
+
+pub struct Stack {
+    pub broker: Broker,
+    pub prosody: Prosody,
+    /// The XMPP account the relay sends from; also the HTTP user's JID.
+    pub sender: XmppAccount,
+    /// The HTTP password of the sender's user.
+    pub http_password: String,
+    pub ingress_url: String,
+    pub http: reqwest::Client,
+    pub options: StackOptions,
+    pub dir: tempfile::TempDir,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// An HTTP user for the users file, with the argon2id hash of `password`.
+pub fn user_entry(jid: &str, password: &str, from: Option<&str>) -> String {
+    let hash = herald_ingress::hash_password::hash(password).expect("hash");
+    let from = from.map(|f| format!("from = \"{f}\"\n")).unwrap_or_default();
+    format!("[[users]]\njid = \"{jid}\"\npassword_hash = \"{hash}\"\n{from}")
+}
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> Self {
+        herald_shared::telemetry::init();
+        herald_shared::telemetry::install_crypto_provider();
+        let broker = Broker::connect().await;
+        let prosody = Prosody::start_with(options.stream_management).await;
+        let sender = prosody.register("sender");
+        let http_password = format!("http-{}", uuid::Uuid::new_v4().simple());
+        let dir = tempfile::Builder::new().prefix("herald-stack-").tempdir().expect("tempdir");
+        let users_file = dir.path().join("users.toml");
+        let accounts_file = dir.path().join("accounts.toml");
+        std::fs::write(&users_file, format!("{}{}", user_entry(&sender.jid, &http_password, None), options.extra_users))
+            .expect("users file");
+        std::fs::write(&accounts_file, prosody.accounts_entry(&sender)).expect("accounts file");
+        let amqp_url = options.service_amqp_url.clone().unwrap_or_else(|| broker.url.clone());
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let ingress = herald_ingress::Application::build(ingress_config(&amqp_url, &broker.prefix, users_file))
+            .await
+            .expect("ingress builds");
+        let ingress_url = format!("http://127.0.0.1:{}", ingress.port());
+        let token = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            ingress.run_until(async move { token.cancelled().await }).await.expect("ingress runs");
+        }));
+        if options.relay {
+            let config = relay_config(&amqp_url, &broker.prefix, accounts_file, &options.retry_delays);
+            let relay = herald_relay::Application::build(config).await.expect("relay builds");
+            let token = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                relay.run_until(async move { token.cancelled().await }).await.expect("relay runs");
+            }));
+        }
+        Self { broker, prosody, sender, http_password, ingress_url, http: reqwest::Client::new(), options, dir, stop, tasks }
+    }
+
+    /// POSTs `body` to `path` as the sender's HTTP user.
+    pub async fn post(&self, path: &str, content_type: Option<&str>, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.post_as(&self.sender.jid, &self.http_password, path, content_type, body).await
+    }
+
+    pub async fn post_as(
+        &self,
+        user: &str,
+        password: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        let mut request = self.http.post(format!("{}{path}", self.ingress_url)).basic_auth(user, Some(password)).body(body);
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        request.send().await.expect("HTTP request")
+    }
+
+    /// Stops both services gracefully and deletes the test's queues.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            task.await.expect("service task");
+        }
+        self.broker.cleanup(&self.options.retry_delays).await;
+    }
+}
+
+pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> herald_ingress::config::Config {
+    herald_ingress::config::Config {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        amqp_url: amqp_url.to_owned(),
+        amqp_prefix: prefix.to_owned(),
+        users_file: Some(users_file),
+        max_body_bytes: herald_shared::domain::DEFAULT_MAX_BODY_BYTES,
+        auth_cache_seconds: 300,
+    }
+}
+
+pub fn relay_config(amqp_url: &str, prefix: &str, accounts_file: PathBuf, retry_delays: &[Duration]) -> herald_relay::config::Config {
+    herald_relay::config::Config {
+        amqp_url: amqp_url.to_owned(),
+        amqp_prefix: prefix.to_owned(),
+        accounts_file,
+        prefetch: 256,
+        retry_delays: Delays(retry_delays.to_vec()),
+        ack_timeout: Duration::from_secs(10),
+        online_timeout: Duration::from_secs(10),
+        drain_timeout: Duration::from_secs(10),
+    }
+}
