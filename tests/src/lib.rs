@@ -3,6 +3,7 @@
 //!
 //! Nothing here sleeps for a fixed time: everything polls with a deadline.
 
+pub mod binaries;
 pub mod broker;
 pub mod poll;
 pub mod prosody;

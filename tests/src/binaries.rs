@@ -1,0 +1,81 @@
+//! The real `herald-ingress` and `herald-relay` binaries, configured only
+//! through their environment variables, as an operator runs them.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+/// The directory holding the workspace's binaries for this profile, after
+/// making sure they are built.
+pub fn bin_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        // target/<profile>/deps/<test-binary> → target/<profile>
+        let exe = std::env::current_exe().expect("current exe");
+        let dir = exe.parent().and_then(|p| p.parent()).expect("target dir").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "herald-ingress", "-p", "herald-relay", "--bins"]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("run cargo build");
+        assert!(status.success(), "cargo build of the service binaries failed");
+        dir
+    })
+}
+
+pub fn path(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A running service process, killed if the test ends without stopping it.
+pub struct Service {
+    child: Option<Child>,
+}
+
+impl Service {
+    pub fn spawn(name: &str, env: &[(&str, String)]) -> Self {
+        let mut command = Command::new(path(name));
+        command.env_clear();
+        for key in ["PATH", "HOME", "RUST_BACKTRACE"] {
+            if let Some(value) = std::env::var_os(key) {
+                command.env(key, value);
+            }
+        }
+        command.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self { child: Some(child) }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and returns whether the process exited successfully
+    /// within `deadline`.
+    pub async fn terminate(mut self, deadline: std::time::Duration) -> bool {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        crate::poll::until("the service to exit after SIGTERM", deadline, || {
+            let status = child.try_wait().expect("wait");
+            async move { status }
+        })
+        .await
+        .success()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

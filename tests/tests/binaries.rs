@@ -1,0 +1,94 @@
+//! The real binaries, configured only through the documented environment
+//! variables.
+
+use herald_tests::binaries::{self, Service};
+use herald_tests::prosody::free_port;
+use herald_tests::stack::user_entry;
+use herald_tests::{poll, Broker, Prosody, Receiver};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_binaries_deliver_a_message_and_stop_cleanly_on_sigterm() {
+    herald_shared::telemetry::install_crypto_provider();
+    let broker = Broker::connect().await;
+    let prosody = Prosody::start().await;
+    let sender = prosody.register("bin-sender");
+    let recipient = prosody.register("bin-recipient");
+    let mut rx = Receiver::connect(&prosody, &recipient).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let users = dir.path().join("users.toml");
+    let accounts = dir.path().join("accounts.toml");
+    std::fs::write(&users, user_entry(&sender.jid, "http-secret", None)).expect("users");
+    std::fs::write(&accounts, prosody.accounts_entry(&sender)).expect("accounts");
+    let port = free_port();
+    let common = [("HERALD_AMQP_URL", broker.url.clone()), ("HERALD_AMQP_PREFIX", broker.prefix.clone())];
+    let mut ingress_env = common.to_vec();
+    ingress_env.push(("HERALD_LISTEN", format!("127.0.0.1:{port}")));
+    ingress_env.push(("HERALD_USERS_FILE", users.display().to_string()));
+    let mut relay_env = common.to_vec();
+    relay_env.push(("HERALD_ACCOUNTS_FILE", accounts.display().to_string()));
+    let ingress = Service::spawn("herald-ingress", &ingress_env);
+    let relay = Service::spawn("herald-relay", &relay_env);
+
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/msg/{}", recipient.jid);
+    let response = poll::until("the ingress to answer 202", Duration::from_secs(30), || {
+        let request = http
+            .post(&url)
+            .basic_auth(&sender.jid, Some("http-secret"))
+            .header("content-type", "text/plain")
+            .body("from the real binaries")
+            .send();
+        async move { request.await.ok().filter(|r| r.status() == 202) }
+    })
+    .await;
+    let json: serde_json::Value = response.json().await.expect("json");
+    let id = json["jobs"][0]["id"].as_str().expect("job id").to_owned();
+    let m = rx.next(Duration::from_secs(30)).await.expect("message arrives");
+    assert_eq!((m.id.as_deref(), m.body.as_str()), (Some(id.as_str()), "from the real binaries"));
+
+    assert!(ingress.terminate(Duration::from_secs(30)).await, "ingress exits 0 on SIGTERM");
+    assert!(relay.terminate(Duration::from_secs(30)).await, "relay exits 0 on SIGTERM");
+    broker.cleanup(&[]).await;
+}
+
+#[test]
+fn hash_password_prints_a_phc_string_that_verifies() {
+    use argon2::{Argon2, PasswordHash, PasswordVerifier};
+    let mut child = Command::new(binaries::path("herald-ingress"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run hash-password");
+    child.stdin.take().expect("stdin").write_all(b"correct horse\n").expect("write");
+    let out = child.wait_with_output().expect("output");
+    assert!(out.status.success());
+    let phc = String::from_utf8(out.stdout).expect("utf-8");
+    let phc = phc.trim();
+    assert!(phc.starts_with("$argon2id$"), "{phc}");
+    let parsed = PasswordHash::new(phc).expect("PHC");
+    assert!(Argon2::default().verify_password(b"correct horse", &parsed).is_ok());
+    assert!(Argon2::default().verify_password(b"correct horse\n", &parsed).is_err(), "the newline is not part of it");
+}
+
+#[test]
+fn help_documents_every_setting() {
+    let help = |name: &str| {
+        let out = Command::new(binaries::path(name)).arg("--help").output().expect("--help");
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let ingress = help("herald-ingress");
+    for name in ["HERALD_LISTEN", "HERALD_AMQP_URL", "HERALD_AMQP_PREFIX", "HERALD_USERS_FILE", "hash-password"] {
+        assert!(ingress.contains(name), "herald-ingress --help mentions {name}");
+    }
+    let relay = help("herald-relay");
+    for name in ["HERALD_AMQP_URL", "HERALD_AMQP_PREFIX", "HERALD_ACCOUNTS_FILE"] {
+        assert!(relay.contains(name), "herald-relay --help mentions {name}");
+    }
+    assert!(!ingress.contains("guest:guest"), "--help shows no credentials");
+}
