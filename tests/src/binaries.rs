@@ -10,9 +10,13 @@ use std::sync::OnceLock;
 pub fn bin_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        // target/<profile>/deps/<test-binary> → target/<profile>
+        // target/<profile>/deps/<test-binary> or target/<profile>/<binary>
+        // → target/<profile>
         let exe = std::env::current_exe().expect("current exe");
-        let dir = exe.parent().and_then(|p| p.parent()).expect("target dir").to_path_buf();
+        let mut dir = exe.parent().expect("target dir").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
         build.args(["build", "-p", "herald-ingress", "-p", "herald-relay", "--bins"]);
@@ -77,5 +81,42 @@ impl Drop for Service {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Where the two services find their broker, listener and files.
+#[derive(Debug, Clone)]
+pub struct ServiceEnv {
+    pub amqp_url: String,
+    pub prefix: String,
+    pub ingress_port: u16,
+    pub users_file: std::path::PathBuf,
+    pub accounts_file: std::path::PathBuf,
+}
+
+impl ServiceEnv {
+    pub fn ingress(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("HERALD_AMQP_URL", self.amqp_url.clone()),
+            ("HERALD_AMQP_PREFIX", self.prefix.clone()),
+            ("HERALD_LISTEN", format!("127.0.0.1:{}", self.ingress_port)),
+            ("HERALD_USERS_FILE", self.users_file.display().to_string()),
+        ]
+    }
+
+    pub fn relay(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("HERALD_AMQP_URL", self.amqp_url.clone()),
+            ("HERALD_AMQP_PREFIX", self.prefix.clone()),
+            ("HERALD_ACCOUNTS_FILE", self.accounts_file.display().to_string()),
+        ]
+    }
+
+    pub fn spawn_ingress(&self) -> Service {
+        Service::spawn("herald-ingress", &self.ingress())
+    }
+
+    pub fn spawn_relay(&self) -> Service {
+        Service::spawn("herald-relay", &self.relay())
     }
 }

@@ -123,17 +123,21 @@ VirtualHost "{DOMAIN}"
     /// Registers a fresh account `<name>-<random>@localhost`.
     pub fn register(&self, name: &str) -> XmppAccount {
         let user = format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let password = uuid::Uuid::new_v4().simple().to_string();
+        self.register_as(&user, &uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// Registers `<user>@localhost` with `password`.
+    pub fn register_as(&self, user: &str, password: &str) -> XmppAccount {
         let status = Command::new("prosodyctl")
             .arg("--config")
             .arg(self.config_path())
-            .args(["register", &user, DOMAIN, &password])
+            .args(["register", user, DOMAIN, password])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .expect("run prosodyctl");
         assert!(status.success(), "prosodyctl register {user} failed");
-        XmppAccount { jid: format!("{user}@{DOMAIN}"), password }
+        XmppAccount { jid: format!("{user}@{DOMAIN}"), password: password.to_owned() }
     }
 
     /// The relay accounts-file entry for `account` on this server.

@@ -1,7 +1,7 @@
 //! The real binaries, configured only through the documented environment
 //! variables.
 
-use herald_tests::binaries::{self, Service};
+use herald_tests::binaries::{self, ServiceEnv};
 use herald_tests::prosody::free_port;
 use herald_tests::stack::user_entry;
 use herald_tests::{poll, Broker, Prosody, Receiver};
@@ -24,14 +24,9 @@ async fn the_binaries_deliver_a_message_and_stop_cleanly_on_sigterm() {
     std::fs::write(&users, user_entry(&sender.jid, "http-secret", None)).expect("users");
     std::fs::write(&accounts, prosody.accounts_entry(&sender)).expect("accounts");
     let port = free_port();
-    let common = [("HERALD_AMQP_URL", broker.url.clone()), ("HERALD_AMQP_PREFIX", broker.prefix.clone())];
-    let mut ingress_env = common.to_vec();
-    ingress_env.push(("HERALD_LISTEN", format!("127.0.0.1:{port}")));
-    ingress_env.push(("HERALD_USERS_FILE", users.display().to_string()));
-    let mut relay_env = common.to_vec();
-    relay_env.push(("HERALD_ACCOUNTS_FILE", accounts.display().to_string()));
-    let ingress = Service::spawn("herald-ingress", &ingress_env);
-    let relay = Service::spawn("herald-relay", &relay_env);
+    let env = ServiceEnv { amqp_url: broker.url.clone(), prefix: broker.prefix.clone(), ingress_port: port, users_file: users, accounts_file: accounts };
+    let ingress = env.spawn_ingress();
+    let relay = env.spawn_relay();
 
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/msg/{}", recipient.jid);
