@@ -7,7 +7,11 @@ use crate::routes::{self, AppState};
 use crate::users::Users;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::post;
-use axum::Router;
+use axum::{middleware, Router};
+use crate::metrics::{self, Metrics};
+use herald_shared::admin::{Admin, Readiness};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
 use herald_shared::amqp::ConfirmChannel;
 use herald_shared::Topology;
 use std::future::Future;
@@ -20,11 +24,16 @@ use tokio::net::TcpListener;
 const ENVELOPE_FACTOR: usize = 6;
 const ENVELOPE_EXTRA_BYTES: usize = 8 * 1024;
 
+/// How often a disconnected ingress tries the broker again by itself, so
+/// that it becomes ready without waiting for a request.
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
+
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
     router: Router,
     publisher: Arc<ConfirmChannel>,
+    admin: Admin,
 }
 
 impl Application {
@@ -43,31 +52,65 @@ impl Application {
         if let Err(e) = publisher.channel().await {
             tracing::warn!(error = %e, "broker not reachable at start; answering 503 until it is");
         }
-        let state = AppState { auth, publisher: Arc::clone(&publisher), max_body_bytes: config.max_body_bytes };
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let ready: Readiness = {
+            let publisher = Arc::clone(&publisher);
+            Arc::new(move || if publisher.is_open() { Ok(()) } else { Err("no confirm channel to the broker".into()) })
+        };
+        let admin = Admin::bind(config.admin_listen, registry, ready)
+            .await
+            .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.admin_listen)))?;
+        let state = AppState { auth, publisher: Arc::clone(&publisher), max_body_bytes: config.max_body_bytes, metrics: Arc::clone(&metrics) };
         let body_limit = config.max_body_bytes.saturating_mul(ENVELOPE_FACTOR).saturating_add(ENVELOPE_EXTRA_BYTES);
         let router = Router::new()
             .route("/msg", post(routes::post_msg))
             .route("/msg/{to}", post(routes::post_msg_to))
             .fallback(routes::not_found)
             .layer(DefaultBodyLimit::max(body_limit))
+            .route_layer(middleware::from_fn_with_state(metrics, metrics::count_requests))
             .with_state(state);
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
-        Ok(Self { listener, router, publisher })
+        Ok(Self { listener, router, publisher, admin })
     }
 
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
+    pub fn admin_port(&self) -> u16 {
+        self.admin.port()
+    }
+
     /// Serves until `shutdown` resolves, then finishes the requests in
     /// flight and closes the broker connection.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), Error> {
         tracing::info!(addr = %self.listener.local_addr()?, "herald-ingress listening");
-        axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await?;
+        let stop = CancellationToken::new();
+        let admin = tokio::spawn(self.admin.serve(stop.clone().cancelled_owned()));
+        let reconnect = tokio::spawn(keep_connected(Arc::clone(&self.publisher), stop.clone()));
+        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await;
+        stop.cancel();
+        drop(reconnect.await);
+        drop(admin.await);
         self.publisher.close().await;
+        served?;
         tracing::info!("herald-ingress stopped");
         Ok(())
+    }
+}
+
+/// Reconnects in the background while the broker is unreachable.
+async fn keep_connected(publisher: Arc<ConfirmChannel>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(RECONNECT_INTERVAL) => {}
+        }
+        if !publisher.is_open() && publisher.channel().await.is_ok() {
+            tracing::info!("connected to the broker again");
+        }
     }
 }

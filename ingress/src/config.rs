@@ -22,13 +22,25 @@ pub enum Command {
     /// Read a password on stdin and print its argon2id hash (PHC string) for
     /// the users file.
     HashPassword,
+    /// Ask the admin listener whether the service is ready; exit 0 if so
+    /// (for container health checks).
+    Healthcheck {
+        #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+        admin_listen: SocketAddr,
+    },
 }
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address the HTTP API listens on.
     #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+
+    /// Address of the admin listener: /healthz, /readyz, /metrics.
+    #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
 
     /// RabbitMQ URL (amqp:// or amqps://).
     #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod hash_password;
+pub mod metrics;
 pub mod payload;
 pub mod publisher;
 pub mod routes;

@@ -1,23 +1,27 @@
 use clap::Parser;
 use herald_ingress::config::{Cli, Command};
 use herald_ingress::{hash_password, Application};
-use herald_shared::{shutdown, telemetry};
+use herald_shared::{admin, shutdown, telemetry};
 use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::HashPassword) = cli.command {
-        return match hash_password::from_stdin() {
-            Ok(phc) => {
-                println!("{phc}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("herald-ingress hash-password: {e}");
-                ExitCode::FAILURE
-            }
-        };
+    match cli.command {
+        Some(Command::HashPassword) => {
+            return match hash_password::from_stdin() {
+                Ok(phc) => {
+                    println!("{phc}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("herald-ingress hash-password: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Healthcheck { admin_listen }) => return admin::run_healthcheck("herald-ingress", admin_listen),
+        None => {}
     }
     telemetry::init();
     telemetry::install_crypto_provider();

@@ -3,6 +3,7 @@
 
 use crate::auth::Authenticator;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::payload::{self, RawMessage};
 use crate::publisher;
 use crate::users::User;
@@ -24,6 +25,7 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     pub publisher: Arc<ConfirmChannel>,
     pub max_body_bytes: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The 202 answer: one entry per job.
@@ -83,7 +85,10 @@ async fn accept(
         raw.to = path_to;
     }
     let job = build_job(&user, raw, state.max_body_bytes)?;
+    let started = std::time::Instant::now();
     publisher::publish(&state.publisher, &job).await?;
+    state.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
+    state.metrics.jobs_published.inc();
     let accepted = Accepted { jobs: vec![AcceptedJob { id: job.id(), to: job_recipient(&job) }] };
     tracing::debug!(id = %job.id(), user = %user.jid, "accepted");
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())

@@ -1,17 +1,68 @@
 //! Command line and environment: every setting is an environment variable
 //! first and a flag second.
 
-use clap::{Args, Parser};
+use clap::{Args, Parser, Subcommand};
 use herald_shared::amqp::DEFAULT_AMQP_URL;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(name = "herald-relay", version, about = "Herald's relay: RabbitMQ → XMPP, acked only once the XMPP server acked")]
+#[command(subcommand_negates_reqs = true)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     #[command(flatten)]
     pub config: Config,
 }
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ask the admin listener whether the relay is ready; exit 0 if so (for
+    /// container health checks).
+    Healthcheck {
+        #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+        admin_listen: SocketAddr,
+    },
+    /// Inspect or replay the parked jobs in `<prefix>.dead`.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// Print the parked jobs, one JSON object per line, without removing
+    /// them.
+    List {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// Print at most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Move parked jobs back into the work queue with a fresh attempt count.
+    Replay {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// Replay only the job with this id (repeatable); without it, all.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+    },
+}
+
+/// Where the broker is, for the `dead` subcommands.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL (amqp:// or amqps://).
+    #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
+    pub amqp_url: String,
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "HERALD_AMQP_PREFIX", default_value = "herald")]
+    pub amqp_prefix: String,
+}
+
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9091";
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
@@ -23,10 +74,14 @@ pub struct Config {
     #[arg(long, env = "HERALD_AMQP_PREFIX", default_value = "herald")]
     pub amqp_prefix: String,
 
+    /// Address of the admin listener: /healthz, /readyz, /metrics.
+    #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin_listen: SocketAddr,
+
     /// TOML file of `[[accounts]]` with `jid`, `password`, optional
     /// `server = "host:port"` and optional `tls = "required" | "none"`.
-    #[arg(long, env = "HERALD_ACCOUNTS_FILE")]
-    pub accounts_file: PathBuf,
+    #[arg(long, env = "HERALD_ACCOUNTS_FILE", required = true)]
+    pub accounts_file: Option<PathBuf>,
 
     /// How many unacknowledged jobs the relay holds at once.
     #[arg(long, env = "HERALD_PREFETCH", default_value_t = 256)]

@@ -6,7 +6,9 @@
 
 use crate::error::DeliveryError;
 use crate::retry::{self, Next};
-use crate::session::SessionHandle;
+use crate::metrics::{ConditionLabels, Metrics, Outcome};
+use crate::recent::{Delivered, Lookup, Recent};
+use crate::session::{Bounce, SessionHandle};
 use crate::stanza;
 use futures::StreamExt;
 use herald_shared::amqp::{self, ConfirmChannel, PublishError};
@@ -33,30 +35,51 @@ pub struct Dispatcher {
     pub topology: Topology,
     pub retry_delays: Vec<Duration>,
     pub online_timeout: Duration,
+    pub recent: Recent,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
     pub async fn handle(&self, delivery: Delivery) {
         let attempts = header_u32(&delivery.properties, headers::ATTEMPT);
+        let mut accepted_at_ms = None;
         let (id, outcome) = match Job::decode(&delivery.data) {
-            Err(e) => (None, Err(DeliveryError::Permanent(e.to_string()))),
-            Ok(job) => (Some(job.id()), self.deliver(&job).await),
+            Err(e) => (None, Err(DeliveryError::Permanent(format!("cannot decode the job: {e}")))),
+            Ok(job) => {
+                let Job::V1(v1) = &job;
+                accepted_at_ms = Some(v1.accepted_at_ms);
+                let id = job.id().to_string();
+                self.recent.begin(&id);
+                let outcome = self.deliver(&job).await;
+                (Some(id), outcome)
+            }
+        };
+        let outcome = match (outcome, &id) {
+            (Ok(()), Some(id)) => {
+                let job = Delivered { data: delivery.data.clone(), properties: delivery.properties.clone() };
+                match self.recent.delivered(id, job) {
+                    None => Ok(()),
+                    Some(bounce) => Err(bounce_error(&bounce)),
+                }
+            }
+            (outcome, id) => {
+                if let Some(id) = id {
+                    self.recent.forget(id);
+                }
+                outcome
+            }
         };
         let settled = match outcome {
             Ok(()) => {
                 tracing::debug!(id = ?id, "delivered");
+                self.metrics.count(Outcome::Delivered);
+                if let Some(accepted) = accepted_at_ms {
+                    let millis = herald_shared::job::now_ms().saturating_sub(accepted);
+                    self.metrics.delivery_latency.observe(millis as f64 / 1000.0);
+                }
                 Ok(())
             }
-            Err(error) => match retry::next_step(&error, attempts, &self.retry_delays) {
-                Next::RetryAfter { delay, attempt } => {
-                    tracing::info!(id = ?id, attempt, ?delay, %error, "delivery failed; will retry");
-                    self.retry(&delivery, delay, attempt, &error.to_string()).await
-                }
-                Next::Park { reason } => {
-                    tracing::warn!(id = ?id, attempts = attempts + 1, %reason, "parking the job in {}", self.topology.dead_queue());
-                    self.park(&delivery, attempts + 1, &reason).await
-                }
-            },
+            Err(error) => self.settle_failure(id.as_deref(), &delivery.data, &delivery.properties, attempts, &error).await,
         };
         let result = match settled {
             Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
@@ -64,6 +87,7 @@ impl Dispatcher {
                 // Neither retried nor parked: give it back to the work queue.
                 // The broker's delivery limit bounds how often this happens.
                 tracing::warn!(id = ?id, error = %e, "cannot hand the job on; returning it to the queue");
+                self.metrics.count(Outcome::Requeued);
                 delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
             }
         };
@@ -71,6 +95,48 @@ impl Dispatcher {
             // The channel is gone; the broker redelivers the job.
             tracing::warn!(id = ?id, error = %e, "cannot settle the delivery; it will be redelivered");
         }
+    }
+
+    /// An error stanza came back for a message the server had acknowledged.
+    pub async fn on_bounce(&self, bounce: Bounce) {
+        self.metrics.bounces.get_or_create(&ConditionLabels { condition: bounce.condition.clone() }).inc();
+        let job = match self.recent.bounced(&bounce) {
+            Lookup::Delivered(job) => job,
+            // `handle` will see it when the ack arrives.
+            Lookup::InFlight => return,
+            Lookup::Unknown => {
+                tracing::warn!(id = %bounce.id, condition = %bounce.condition, "bounce for a message this relay no longer remembers; not parked");
+                return;
+            }
+        };
+        let attempts = header_u32(&job.properties, headers::ATTEMPT);
+        let error = bounce_error(&bounce);
+        if let Err(e) = self.settle_failure(Some(&bounce.id), &job.data, &job.properties, attempts, &error).await {
+            tracing::error!(id = %bounce.id, condition = %bounce.condition, error = %e, "cannot park a bounced message; it is only in this log line");
+        }
+    }
+
+    async fn settle_failure(
+        &self,
+        id: Option<&str>,
+        data: &[u8],
+        properties: &BasicProperties,
+        attempts: u32,
+        error: &DeliveryError,
+    ) -> Result<(), PublishError> {
+        match retry::next_step(error, attempts, &self.retry_delays) {
+            Next::RetryAfter { delay, attempt } => {
+                tracing::info!(id = ?id, attempt, ?delay, %error, "delivery failed; will retry");
+                self.retry(data, properties, delay, attempt, &error.to_string()).await?;
+                self.metrics.count(Outcome::Retried);
+            }
+            Next::Park { reason } => {
+                tracing::warn!(id = ?id, attempts = attempts + 1, %reason, "parking the job in {}", self.topology.dead_queue());
+                self.park(data, properties, attempts + 1, &reason).await?;
+                self.metrics.count(Outcome::Parked);
+            }
+        }
+        Ok(())
     }
 
     async fn deliver(&self, job: &Job) -> Result<(), DeliveryError> {
@@ -81,26 +147,33 @@ impl Dispatcher {
         session.deliver(stanza::message(job), self.online_timeout).await
     }
 
-    async fn retry(&self, delivery: &Delivery, delay: Duration, attempt: u32, reason: &str) -> Result<(), PublishError> {
-        let mut table = carried_headers(&delivery.properties);
+    async fn retry(&self, data: &[u8], properties: &BasicProperties, delay: Duration, attempt: u32, reason: &str) -> Result<(), PublishError> {
+        let mut table = carried_headers(properties);
         table.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempt));
         table.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
         let expiration = retry::jittered(delay).as_millis().to_string();
-        let properties = copy_properties(&delivery.properties).with_headers(table).with_expiration(expiration.into());
-        self.publisher.publish("", &self.topology.retry_queue(delay), &delivery.data, properties).await
+        let properties = copy_properties(properties).with_headers(table).with_expiration(expiration.into());
+        self.publisher.publish("", &self.topology.retry_queue(delay), data, properties).await
     }
 
-    async fn park(&self, delivery: &Delivery, attempts: u32, reason: &str) -> Result<(), PublishError> {
-        let mut table = carried_headers(&delivery.properties);
+    async fn park(&self, data: &[u8], properties: &BasicProperties, attempts: u32, reason: &str) -> Result<(), PublishError> {
+        let mut table = carried_headers(properties);
         table.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempts));
         table.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
         table.insert(headers::PARKED_AT.into(), AMQPValue::Timestamp(herald_shared::job::now_ms()));
-        let properties = copy_properties(&delivery.properties).with_headers(table);
-        self.publisher.publish("", &self.topology.dead_queue(), &delivery.data, properties).await
+        let properties = copy_properties(properties).with_headers(table);
+        self.publisher.publish("", &self.topology.dead_queue(), data, properties).await
     }
 }
 
-fn copy_properties(p: &BasicProperties) -> BasicProperties {
+/// A bounce as a delivery failure: `wait` errors are retried, the rest parked.
+fn bounce_error(bounce: &Bounce) -> DeliveryError {
+    let reason = format!("bounced: {} ({}) from {}", bounce.condition, bounce.kind, bounce.from);
+    if bounce.is_transient() { DeliveryError::Transient(reason) } else { DeliveryError::Permanent(reason) }
+}
+
+/// The properties a republished job keeps (not its headers).
+pub(crate) fn copy_properties(p: &BasicProperties) -> BasicProperties {
     let mut out = BasicProperties::default();
     if let Some(v) = p.content_type() {
         out = out.with_content_type(v.clone());
@@ -164,6 +237,7 @@ pub async fn run(
             }
         };
         tracing::info!(queue = %dispatcher.topology.work_queue(), prefetch, "consuming");
+        dispatcher.metrics.consuming.set(1);
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -183,6 +257,7 @@ pub async fn run(
                 },
             }
         }
+        dispatcher.metrics.consuming.set(0);
         if stop.is_cancelled() {
             let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
             if let Err(e) = tokio::time::timeout(amqp::CONNECT_TIMEOUT, cancel).await.unwrap_or(Ok(())) {

@@ -18,6 +18,10 @@ pub enum DeliveryError {
     /// the server saying `wait`.
     #[error("transient: {0}")]
     Transient(String),
+    /// The sender's XMPP session is down (server unreachable, login
+    /// rejected): retried for as long as that lasts, never parked.
+    #[error("sender offline: {0}")]
+    SenderOffline(String),
     /// Will never succeed as it is: park it for an operator.
     #[error("permanent: {0}")]
     Permanent(String),

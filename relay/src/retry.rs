@@ -21,6 +21,15 @@ pub fn next_step(error: &DeliveryError, attempts_so_far: u32, schedule: &[Durati
             Some(delay) => Next::RetryAfter { delay: *delay, attempt: attempts_so_far + 1 },
             None => Next::Park { reason: format!("gave up after {} attempts; last error: {reason}", attempts_so_far + 1) },
         },
+        // Nothing is wrong with the job: its sender's session is down. It
+        // waits out the outage at the schedule's longest step instead of
+        // being parked, so an outage needs no replay afterwards.
+        DeliveryError::SenderOffline(reason) => {
+            match schedule.get(attempts_so_far as usize).or(schedule.last()) {
+                Some(delay) => Next::RetryAfter { delay: *delay, attempt: attempts_so_far.saturating_add(1) },
+                None => Next::Park { reason: format!("retries are disabled; {reason}") },
+            }
+        }
     }
 }
 
@@ -44,6 +53,14 @@ mod tests {
         assert_eq!(next_step(&e, 0, &S), Next::RetryAfter { delay: S[0], attempt: 1 });
         assert_eq!(next_step(&e, 1, &S), Next::RetryAfter { delay: S[1], attempt: 2 });
         assert!(matches!(next_step(&e, 2, &S), Next::Park { reason } if reason.contains("3 attempts") && reason.contains("timeout")));
+    }
+
+    #[test]
+    fn a_sender_outage_never_exhausts_the_schedule() {
+        let e = DeliveryError::SenderOffline("login rejected".into());
+        assert_eq!(next_step(&e, 0, &S), Next::RetryAfter { delay: S[0], attempt: 1 });
+        assert_eq!(next_step(&e, 40, &S), Next::RetryAfter { delay: S[1], attempt: 41 });
+        assert!(matches!(next_step(&e, 0, &[]), Next::Park { .. }));
     }
 
     #[test]

@@ -9,8 +9,12 @@
 //! offers no stream management, an iq ping sent right after the stanza and
 //! answered proves the server read it, because a stream is ordered.
 
-use crate::accounts::{Account, Tls};
+use crate::accounts::Account;
 use crate::error::DeliveryError;
+use crate::login::{self, LoginState};
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use crate::stanza;
 use futures::StreamExt;
 use herald_shared::Sender;
 use std::collections::HashMap;
@@ -18,14 +22,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_xmpp::connect::{DnsConfig, ServerConnector, StartTlsServerConnector, TcpServerConnector};
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::message::{Message, MessageType};
 use tokio_xmpp::parsers::ping::Ping;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use tokio_xmpp::stanzastream::{Event, StanzaStage, StanzaState, StanzaStream, StanzaToken, StreamEvent};
-use tokio_xmpp::xmlstream::Timeouts;
 use tokio_xmpp::Stanza;
 
 /// Stanzas queued inside tokio-xmpp per session, each way.
@@ -42,12 +44,34 @@ struct Outgoing {
     reply: oneshot::Sender<Result<(), DeliveryError>>,
 }
 
+/// An error stanza the server sent back for a message it had already
+/// acknowledged: the recipient's server or the recipient refused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bounce {
+    /// The stanza id, which is the job id.
+    pub id: String,
+    /// The error's defined condition, e.g. `service-unavailable`.
+    pub condition: String,
+    /// The error type: `cancel`, `wait`, `modify`, `auth` or `continue`.
+    pub kind: String,
+    pub from: String,
+}
+
+impl Bounce {
+    /// `wait` means "try again later"; everything else will not change by
+    /// itself.
+    pub fn is_transient(&self) -> bool {
+        self.kind == "wait"
+    }
+}
+
 /// The consumer's side of a session.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     jid: Sender,
     jobs: mpsc::Sender<Outgoing>,
     online: watch::Receiver<bool>,
+    login: watch::Receiver<LoginState>,
 }
 
 impl std::fmt::Debug for Outgoing {
@@ -65,18 +89,34 @@ impl SessionHandle {
         *self.online.borrow()
     }
 
+    /// Why the session is not online, if it is not.
+    pub fn offline_reason(&self) -> Option<String> {
+        if self.is_online() {
+            return None;
+        }
+        Some(match &*self.login.borrow() {
+            LoginState::Connecting => "connecting".to_owned(),
+            LoginState::LoggedIn => "binding a resource".to_owned(),
+            LoginState::Rejected(why) => format!("login rejected: {why}"),
+            LoginState::Unreachable(why) => format!("server unreachable: {why}"),
+        })
+    }
+
     /// Sends a message and resolves once the server acknowledged it.
-    /// Waits up to `online_timeout` for the session to be online first.
+    /// Waits up to `online_timeout` for the session to be online first,
+    /// unless the server has refused the login, which will not change by
+    /// waiting.
     pub async fn deliver(&self, message: Message, online_timeout: Duration) -> Result<(), DeliveryError> {
+        let offline = || DeliveryError::SenderOffline(format!("XMPP session of {} is {}", self.jid, self.offline_reason().unwrap_or_else(|| "closed".into())));
+        if matches!(*self.login.borrow(), LoginState::Rejected(_)) && !self.is_online() {
+            return Err(offline());
+        }
         let mut online = self.online.clone();
         if !matches!(tokio::time::timeout(online_timeout, online.wait_for(|o| *o)).await, Ok(Ok(_))) {
-            return Err(DeliveryError::Transient(format!("XMPP session of {} is not online", self.jid)));
+            return Err(offline());
         }
         let (reply, outcome) = oneshot::channel();
-        self.jobs
-            .send(Outgoing { message, reply })
-            .await
-            .map_err(|_| DeliveryError::Transient(format!("XMPP session of {} is closed", self.jid)))?;
+        self.jobs.send(Outgoing { message, reply }).await.map_err(|_| offline())?;
         outcome
             .await
             .unwrap_or_else(|_| Err(DeliveryError::Transient(format!("XMPP session of {} dropped the job", self.jid))))
@@ -84,16 +124,27 @@ impl SessionHandle {
 }
 
 /// Starts the session task for `account`. It runs until `shutdown` is
-/// cancelled, then closes the stream cleanly.
-pub fn spawn(account: Account, ack_timeout: Duration, shutdown: CancellationToken) -> (SessionHandle, JoinHandle<()>) {
+/// cancelled, then closes the stream cleanly. Error stanzas bounced for
+/// messages the server had acknowledged are reported on `bounces`.
+pub fn spawn(
+    account: Account,
+    ack_timeout: Duration,
+    bounces: mpsc::UnboundedSender<Bounce>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> (SessionHandle, JoinHandle<()>) {
     let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE_DEPTH);
     let (online_tx, online_rx) = watch::channel(false);
-    let handle = SessionHandle { jid: account.jid.clone(), jobs: jobs_tx, online: online_rx };
+    let (login_tx, login_rx) = watch::channel(LoginState::Connecting);
+    let handle = SessionHandle { jid: account.jid.clone(), jobs: jobs_tx, online: online_rx, login: login_rx.clone() };
     let session = Session {
-        stream: open_stream(&account),
+        stream: StanzaStream::new(login::connector(&account, login_tx), STREAM_QUEUE_DEPTH),
         account,
         ack_timeout,
         online: online_tx,
+        login: login_rx,
+        bounces,
+        metrics,
         stream_management: false,
         pings: HashMap::new(),
     };
@@ -101,28 +152,14 @@ pub fn spawn(account: Account, ack_timeout: Duration, shutdown: CancellationToke
     (handle, task)
 }
 
-fn open_stream(account: &Account) -> StanzaStream {
-    let dns = match &account.server {
-        Some(server) => DnsConfig::NoSrv { host: server.host.clone(), port: server.port, resolver: None },
-        None => DnsConfig::srv_default_client(account.jid.domain().as_str()),
-    };
-    match account.tls {
-        Tls::Required => stream_with(StartTlsServerConnector::from(dns), account),
-        // accounts::parse allows this only for loopback servers.
-        Tls::None => stream_with(TcpServerConnector::from(dns), account),
-    }
-}
-
-fn stream_with<C: ServerConnector>(connector: C, account: &Account) -> StanzaStream {
-    let jid: Jid = account.jid.jid().clone().into();
-    StanzaStream::new_c2s(connector, jid, account.password.clone(), Timeouts::tight(), STREAM_QUEUE_DEPTH)
-}
-
 struct Session {
     account: Account,
     stream: StanzaStream,
     ack_timeout: Duration,
     online: watch::Sender<bool>,
+    login: watch::Receiver<LoginState>,
+    bounces: mpsc::UnboundedSender<Bounce>,
+    metrics: Arc<Metrics>,
     /// Whether the current stream negotiated XEP-0198.
     stream_management: bool,
     /// Without stream management: pings in flight, by iq id.
@@ -143,13 +180,34 @@ impl Session {
                     }
                 },
                 Some(job) = jobs.recv() => self.send(job).await,
+                Ok(()) = self.login.changed() => self.on_login(),
             }
         }
-        self.online.send_replace(false);
+        self.set_online(false);
         if tokio::time::timeout(CLOSE_TIMEOUT, self.stream.close()).await.is_err() {
             tracing::warn!(account = %self.account.jid, "XMPP stream did not close in time");
         }
         tracing::info!(account = %self.account.jid, "XMPP session closed");
+    }
+
+    fn set_online(&self, online: bool) {
+        if self.online.send_replace(online) != online {
+            if online { self.metrics.sessions_online.inc() } else { self.metrics.sessions_online.dec() };
+        }
+    }
+
+    /// One log line per change of the login's state, not one per retry.
+    fn on_login(&mut self) {
+        let account = &self.account.jid;
+        match &*self.login.borrow_and_update() {
+            LoginState::Rejected(why) => tracing::error!(
+                %account,
+                "XMPP login rejected ({why}); check this account's password in the accounts file. \
+                 Jobs from this sender wait in the retry queues until it can log in"
+            ),
+            LoginState::Unreachable(why) => tracing::warn!(%account, "XMPP server unreachable ({why}); retrying"),
+            LoginState::Connecting | LoginState::LoggedIn => {}
+        }
     }
 
     async fn on_event(&mut self, event: Event) {
@@ -159,15 +217,15 @@ impl Session {
                 // Pings sent on the old stream will never be answered.
                 self.pings.clear();
                 tracing::info!(account = %self.account.jid, %bound_jid, stream_management = self.stream_management, "XMPP session online");
-                self.online.send_replace(true);
+                self.set_online(true);
             }
             Event::Stream(StreamEvent::Resumed) => {
                 tracing::info!(account = %self.account.jid, "XMPP session resumed");
-                self.online.send_replace(true);
+                self.set_online(true);
             }
             Event::Stream(StreamEvent::Suspended) => {
                 tracing::warn!(account = %self.account.jid, "XMPP connection lost; reconnecting");
-                self.online.send_replace(false);
+                self.set_online(false);
             }
             Event::Stanza(stanza) => self.on_stanza(stanza).await,
         }
@@ -191,23 +249,21 @@ impl Session {
                     drop(self.stream.send(Box::new(reply.into())).await);
                 }
             },
-            Stanza::Message(message) if message.type_ == MessageType::Error => {
-                let condition = message
-                    .payloads
-                    .iter()
-                    .find_map(|p| StanzaError::try_from(p.clone()).ok())
-                    .map(|e| format!("{:?}", e.defined_condition))
-                    .unwrap_or_else(|| "unknown".into());
-                tracing::warn!(
-                    account = %self.account.jid,
-                    id = message.id.as_ref().map(|i| i.0.as_str()).unwrap_or(""),
-                    from = ?message.from,
-                    %condition,
-                    "the XMPP server bounced a message after accepting it"
-                );
-            }
+            Stanza::Message(message) if message.type_ == MessageType::Error => self.on_bounce(&message),
             _ => {}
         }
+    }
+
+    fn on_bounce(&self, message: &Message) {
+        let (kind, condition) = stanza::error_condition(message);
+        let bounce = Bounce {
+            id: message.id.as_ref().map(|i| i.0.clone()).unwrap_or_default(),
+            condition,
+            kind,
+            from: message.from.as_ref().map(ToString::to_string).unwrap_or_default(),
+        };
+        tracing::info!(account = %self.account.jid, id = %bounce.id, from = %bounce.from, condition = %bounce.condition, kind = %bounce.kind, "the XMPP server bounced a message");
+        let _ = self.bounces.send(bounce);
     }
 
     async fn send(&mut self, job: Outgoing) {

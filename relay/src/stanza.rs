@@ -19,6 +19,20 @@ pub fn message(job: &Job) -> Message {
     message
 }
 
+const STANZAS_NS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+
+/// The `type` and defined condition of an error message, as the XML names
+/// (`("cancel", "service-unavailable")`), or "unknown" where missing.
+pub fn error_condition(message: &Message) -> (String, String) {
+    let error = message.payloads.iter().find(|p| p.name() == "error");
+    let kind = error.and_then(|e| e.attr("type")).unwrap_or("unknown").to_owned();
+    let condition = error
+        .and_then(|e| e.children().find(|c| c.ns() == STANZAS_NS && c.name() != "text"))
+        .map(|c| c.name().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    (kind, condition)
+}
+
 fn kind(kind: MessageKind) -> MessageType {
     match kind {
         MessageKind::Chat => MessageType::Chat,
@@ -34,6 +48,17 @@ mod tests {
     use herald_shared::domain::ShortText;
     use herald_shared::{Body, Recipient, Sender};
     use xmpp_parsers::minidom::Element;
+
+    #[test]
+    fn reads_the_condition_of_a_bounce() {
+        let xml = "<message xmlns='jabber:client' type='error' id='j1' from='nobody@localhost'>\
+                   <body>hi</body><error type='cancel'><service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/>\
+                   <text xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'>gone</text></error></message>";
+        let message = Message::try_from(xml.parse::<Element>().expect("xml")).expect("message");
+        assert_eq!(error_condition(&message), ("cancel".into(), "service-unavailable".into()));
+        let bare = Message::new(None);
+        assert_eq!(error_condition(&bare), ("unknown".into(), "unknown".into()));
+    }
 
     #[test]
     fn hostile_text_stays_text() {

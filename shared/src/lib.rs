@@ -2,6 +2,7 @@
 //! validated domain types it is built from, the AMQP topology, and the
 //! process plumbing (telemetry, shutdown, TLS provider) both binaries share.
 
+pub mod admin;
 pub mod amqp;
 pub mod domain;
 pub mod job;

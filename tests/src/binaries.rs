@@ -42,6 +42,11 @@ pub struct Service {
 
 impl Service {
     pub fn spawn(name: &str, env: &[(&str, String)]) -> Self {
+        Self::spawn_logged(name, env, None)
+    }
+
+    /// Like `spawn`, with stdout and stderr appended to `log` if given.
+    pub fn spawn_logged(name: &str, env: &[(&str, String)], log: Option<&std::path::Path>) -> Self {
         let mut command = Command::new(path(name));
         command.env_clear();
         for key in ["PATH", "HOME", "RUST_BACKTRACE"] {
@@ -53,12 +58,24 @@ impl Service {
         for (key, value) in env {
             command.env(key, value);
         }
+        if let Some(log) = log {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+            command.stdout(file.try_clone().expect("clone")).stderr(file);
+        }
         let child = command.stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
         Self { child: Some(child) }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Sends SIGTERM and returns whether the process exited successfully
@@ -90,16 +107,25 @@ pub struct ServiceEnv {
     pub amqp_url: String,
     pub prefix: String,
     pub ingress_port: u16,
+    pub ingress_admin_port: u16,
+    pub relay_admin_port: u16,
     pub users_file: std::path::PathBuf,
     pub accounts_file: std::path::PathBuf,
 }
 
 impl ServiceEnv {
+    /// Free ports for the ingress and both admin listeners.
+    pub fn new(amqp_url: String, prefix: String, users_file: std::path::PathBuf, accounts_file: std::path::PathBuf) -> Self {
+        use crate::prosody::free_port;
+        Self { amqp_url, prefix, ingress_port: free_port(), ingress_admin_port: free_port(), relay_admin_port: free_port(), users_file, accounts_file }
+    }
+
     pub fn ingress(&self) -> Vec<(&'static str, String)> {
         vec![
             ("HERALD_AMQP_URL", self.amqp_url.clone()),
             ("HERALD_AMQP_PREFIX", self.prefix.clone()),
             ("HERALD_LISTEN", format!("127.0.0.1:{}", self.ingress_port)),
+            ("HERALD_ADMIN_LISTEN", format!("127.0.0.1:{}", self.ingress_admin_port)),
             ("HERALD_USERS_FILE", self.users_file.display().to_string()),
         ]
     }
@@ -109,6 +135,7 @@ impl ServiceEnv {
             ("HERALD_AMQP_URL", self.amqp_url.clone()),
             ("HERALD_AMQP_PREFIX", self.prefix.clone()),
             ("HERALD_ACCOUNTS_FILE", self.accounts_file.display().to_string()),
+            ("HERALD_ADMIN_LISTEN", format!("127.0.0.1:{}", self.relay_admin_port)),
         ]
     }
 

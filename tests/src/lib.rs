@@ -5,7 +5,9 @@
 
 pub mod binaries;
 pub mod broker;
+pub mod load;
 pub mod poll;
+pub mod proxy;
 pub mod prosody;
 pub mod receiver;
 pub mod stack;

@@ -75,7 +75,7 @@ s2s_ports = {{}}
 http_ports = {{}}
 https_ports = {{}}
 modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; {smacks} }}
-modules_disabled = {{ "s2s"; "offline" }}
+modules_disabled = {{ "s2s" }}
 authentication = "internal_hashed"
 storage = "internal"
 c2s_require_encryption = false
@@ -112,6 +112,24 @@ VirtualHost "{DOMAIN}"
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops the server the way an operator would (SIGTERM), and waits for
+    /// it to exit.
+    pub async fn stop_gracefully(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            crate::poll::until("Prosody to exit", Duration::from_secs(30), || {
+                let exited = child.try_wait().ok().flatten().is_some();
+                async move { exited.then_some(()) }
+            })
+            .await;
+        }
+    }
+
+    /// Starts a stopped server again on the same port, with its data.
+    pub async fn start_again(&mut self) {
+        self.spawn(&which("prosody")).await;
     }
 
     /// Starts it again on the same port, with the same accounts.

@@ -50,7 +50,10 @@ impl Receiver {
                 };
                 match event {
                     Event::Online { .. } => {
-                        client.send_stanza(Presence::available().into()).await.expect("send presence");
+                        // After a reconnect too: presence is what gets messages routed here.
+                        if let Err(e) = client.send_stanza(Presence::available().into()).await {
+                            eprintln!("receiver: cannot send presence: {e}");
+                        }
                     }
                     Event::Stanza(Stanza::Presence(p)) if p.from.as_ref().is_some_and(|f| f.to_bare().to_string() == own) => {
                         if let Some(tx) = online_tx.take() {

@@ -41,6 +41,9 @@ pub struct Stack {
     /// The HTTP password of the sender's user.
     pub http_password: String,
     pub ingress_url: String,
+    /// The admin listeners (healthz, readyz, metrics).
+    pub ingress_admin_url: String,
+    pub relay_admin_url: Option<String>,
     pub http: reqwest::Client,
     pub options: StackOptions,
     pub dir: tempfile::TempDir,
@@ -77,6 +80,8 @@ impl Stack {
             .await
             .expect("ingress builds");
         let ingress_url = format!("http://127.0.0.1:{}", ingress.port());
+        let ingress_admin_url = format!("http://127.0.0.1:{}", ingress.admin_port());
+        let mut relay_admin_url = None;
         let token = stop.clone();
         tasks.push(tokio::spawn(async move {
             ingress.run_until(async move { token.cancelled().await }).await.expect("ingress runs");
@@ -84,12 +89,26 @@ impl Stack {
         if options.relay {
             let config = relay_config(&amqp_url, &broker.prefix, accounts_file, &options.retry_delays);
             let relay = herald_relay::Application::build(config).await.expect("relay builds");
+            relay_admin_url = Some(format!("http://127.0.0.1:{}", relay.admin_port()));
             let token = stop.clone();
             tasks.push(tokio::spawn(async move {
                 relay.run_until(async move { token.cancelled().await }).await.expect("relay runs");
             }));
         }
-        Self { broker, prosody, sender, http_password, ingress_url, http: reqwest::Client::new(), options, dir, stop, tasks }
+        Self {
+            broker,
+            prosody,
+            sender,
+            http_password,
+            ingress_url,
+            ingress_admin_url,
+            relay_admin_url,
+            http: reqwest::Client::new(),
+            options,
+            dir,
+            stop,
+            tasks,
+        }
     }
 
     /// POSTs `body` to `path` as the sender's HTTP user.
@@ -125,6 +144,7 @@ impl Stack {
 pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> herald_ingress::config::Config {
     herald_ingress::config::Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
         amqp_url: amqp_url.to_owned(),
         amqp_prefix: prefix.to_owned(),
         users_file: Some(users_file),
@@ -137,7 +157,8 @@ pub fn relay_config(amqp_url: &str, prefix: &str, accounts_file: PathBuf, retry_
     herald_relay::config::Config {
         amqp_url: amqp_url.to_owned(),
         amqp_prefix: prefix.to_owned(),
-        accounts_file,
+        admin_listen: "127.0.0.1:0".parse().expect("addr"),
+        accounts_file: Some(accounts_file),
         prefetch: 256,
         retry_delays: Delays(retry_delays.to_vec()),
         ack_timeout: Duration::from_secs(10),

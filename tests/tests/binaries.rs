@@ -2,7 +2,6 @@
 //! variables.
 
 use herald_tests::binaries::{self, ServiceEnv};
-use herald_tests::prosody::free_port;
 use herald_tests::stack::user_entry;
 use herald_tests::{poll, Broker, Prosody, Receiver};
 use std::io::Write;
@@ -23,8 +22,8 @@ async fn the_binaries_deliver_a_message_and_stop_cleanly_on_sigterm() {
     let accounts = dir.path().join("accounts.toml");
     std::fs::write(&users, user_entry(&sender.jid, "http-secret", None)).expect("users");
     std::fs::write(&accounts, prosody.accounts_entry(&sender)).expect("accounts");
-    let port = free_port();
-    let env = ServiceEnv { amqp_url: broker.url.clone(), prefix: broker.prefix.clone(), ingress_port: port, users_file: users, accounts_file: accounts };
+    let env = ServiceEnv::new(broker.url.clone(), broker.prefix.clone(), users, accounts);
+    let port = env.ingress_port;
     let ingress = env.spawn_ingress();
     let relay = env.spawn_relay();
 
@@ -78,12 +77,24 @@ fn help_documents_every_setting() {
         String::from_utf8(out.stdout).expect("utf-8")
     };
     let ingress = help("herald-ingress");
-    for name in ["HERALD_LISTEN", "HERALD_AMQP_URL", "HERALD_AMQP_PREFIX", "HERALD_USERS_FILE", "hash-password"] {
+    for name in ["HERALD_LISTEN", "HERALD_AMQP_URL", "HERALD_AMQP_PREFIX", "HERALD_USERS_FILE", "HERALD_ADMIN_LISTEN", "HERALD_MAX_BODY_BYTES", "HERALD_AUTH_CACHE_SECONDS", "hash-password", "healthcheck"] {
         assert!(ingress.contains(name), "herald-ingress --help mentions {name}");
     }
     let relay = help("herald-relay");
-    for name in ["HERALD_AMQP_URL", "HERALD_AMQP_PREFIX", "HERALD_ACCOUNTS_FILE"] {
+    for name in [
+        "HERALD_AMQP_URL",
+        "HERALD_AMQP_PREFIX",
+        "HERALD_ACCOUNTS_FILE",
+        "HERALD_ADMIN_LISTEN",
+        "HERALD_PREFETCH",
+        "HERALD_RETRY_DELAYS",
+        "HERALD_ACK_TIMEOUT",
+        "HERALD_ONLINE_TIMEOUT",
+        "HERALD_DRAIN_TIMEOUT",
+        "healthcheck",
+        "dead",
+    ] {
         assert!(relay.contains(name), "herald-relay --help mentions {name}");
     }
-    assert!(!ingress.contains("guest:guest"), "--help shows no credentials");
+    assert!(!ingress.contains("guest:guest") && !relay.contains("guest:guest"), "--help shows no credentials");
 }

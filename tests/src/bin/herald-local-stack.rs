@@ -35,7 +35,8 @@ async fn main() {
     std::fs::write(&users, user_entry(HTTP_USER, HTTP_PASSWORD, None)).expect("users file");
     std::fs::write(&accounts, prosody.accounts_entry(&alice)).expect("accounts file");
 
-    let env = ServiceEnv { amqp_url, prefix: prefix.to_owned(), ingress_port: port, users_file: users, accounts_file: accounts };
+    let mut env = ServiceEnv::new(amqp_url, prefix.to_owned(), users, accounts);
+    env.ingress_port = port;
     let ingress = env.spawn_ingress();
     let relay = env.spawn_relay();
     let mut bob_rx = Receiver::connect(&prosody, &bob).await;

@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1
+#
+# herald-ingress: the HTTP API. Build from the repository root:
+#
+#   docker build -f deploy/docker/ingress.Dockerfile -t ghcr.io/herald-xmpp/herald-ingress:dev .
+#
+# Stages: `chef` (toolchain + cargo-chef), `planner` (recipe.json: every
+# manifest and Cargo.lock of the workspace, nothing else), `builder`
+# (dependencies built from the recipe in their own layer, then the real
+# sources), and a distroless runtime with the one binary in it.
+
+ARG RUST_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${RUST_IMAGE} AS chef
+# cargo-chef computes and cooks the dependency recipe of the workspace
+# (shared/, ingress/, relay/, tests/ with its bins), stubbing every target.
+ARG CARGO_CHEF_VERSION=^0.1
+RUN cargo install cargo-chef --locked --version "${CARGO_CHEF_VERSION}"
+WORKDIR /src
+
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /src/recipe.json recipe.json
+# Only this layer builds the dependencies; it is reused until a Cargo.toml or
+# Cargo.lock changes.
+RUN cargo chef cook --release --locked -p herald-ingress --recipe-path recipe.json
+COPY . .
+RUN cargo build --release --locked -p herald-ingress --bin herald-ingress \
+ && install -D -m 0755 target/release/herald-ingress /out/herald-ingress
+
+# glibc, libgcc and the CA bundle (rustls-native-certs reads
+# /etc/ssl/certs/ca-certificates.crt); no shell, no package manager.
+FROM ${RUNTIME_IMAGE} AS runtime
+COPY --from=builder /out/herald-ingress /usr/local/bin/herald-ingress
+# distroless "nonroot" is uid/gid 65532; the Kubernetes manifests pin the same.
+USER 65532:65532
+ENV HERALD_LISTEN=0.0.0.0:8080 \
+    HERALD_ADMIN_LISTEN=0.0.0.0:9090 \
+    HERALD_USERS_FILE=/etc/herald/users.toml \
+    SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+# 8080: the HTTP API; 9090: admin (/healthz, /readyz, /metrics).
+EXPOSE 8080 9090
+# The binary asks its own admin port for /readyz (exit 0 ready, 1 not).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/herald-ingress", "healthcheck"]
+ENTRYPOINT ["/usr/local/bin/herald-ingress"]

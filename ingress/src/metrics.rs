@@ -1,0 +1,52 @@
+//! The ingress's Prometheus metrics, registered once per application.
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route pattern (`/msg/{to}`), never the raw path: recipients
+    /// would make the label set unbounded.
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub publish_seconds: Histogram,
+    pub jobs_published: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let metrics = Self {
+            requests: Family::default(),
+            publish_seconds: Histogram::new(herald_shared::admin::latency_buckets()),
+            jobs_published: Counter::default(),
+        };
+        registry.register("herald_http_requests", "HTTP requests by route and status", metrics.requests.clone());
+        registry.register(
+            "herald_publish_duration_seconds",
+            "Time from publish to the broker's confirm",
+            metrics.publish_seconds.clone(),
+        );
+        registry.register("herald_jobs_published", "Jobs the broker confirmed", metrics.jobs_published.clone());
+        Arc::new(metrics)
+    }
+}
+
+/// Middleware counting every request by route pattern and status.
+pub async fn count_requests(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let response = next.run(request).await;
+    metrics.requests.get_or_create(&RequestLabels { route, status: response.status().as_u16() }).inc();
+    response
+}

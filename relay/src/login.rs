@@ -1,0 +1,110 @@
+//! Connecting and logging in, for tokio-xmpp's `StanzaStream`.
+//!
+//! tokio-xmpp's own `StanzaStream::new_c2s` retries a rejected password
+//! forever and only says so in its own error-level log lines. This connector
+//! does the same steps (connect, TLS, SASL, stream restart) but reports
+//! every outcome as a [`LoginState`], so the session can tell "wrong
+//! password" from "server unreachable", say so once in one clear log line,
+//! and report the relay not ready.
+
+use crate::accounts::{Account, Tls};
+use std::borrow::Cow;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tokio_xmpp::connect::{DnsConfig, ServerConnector, StartTlsServerConnector, TcpServerConnector};
+use tokio_xmpp::error::{AuthError, Error as XmppError};
+use tokio_xmpp::parsers::jid::Jid;
+use tokio_xmpp::parsers::ns;
+use tokio_xmpp::stanzastream::Connection;
+use tokio_xmpp::xmlstream::{StreamHeader, Timeouts};
+
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Where the latest login attempt got to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginState {
+    Connecting,
+    LoggedIn,
+    /// The server refused the credentials (SASL failure): needs an operator.
+    Rejected(String),
+    /// Could not reach or talk to the server; retried with backoff.
+    Unreachable(String),
+}
+
+impl LoginState {
+    fn from_error(error: &XmppError) -> Self {
+        match error {
+            XmppError::Auth(AuthError::Fail(condition)) => Self::Rejected(format!("the server refused the login: {condition:?}")),
+            XmppError::Auth(e) => Self::Rejected(e.to_string()),
+            e => Self::Unreachable(e.to_string()),
+        }
+    }
+}
+
+pub type Connector = Box<dyn FnMut(Option<String>, oneshot::Sender<Connection>) + Send + 'static>;
+
+/// A connector for `StanzaStream::new` that logs in as `account` and
+/// publishes each attempt's outcome on `state`.
+pub fn connector(account: &Account, state: watch::Sender<LoginState>) -> Connector {
+    let dns = match &account.server {
+        Some(server) => DnsConfig::NoSrv { host: server.host.clone(), port: server.port, resolver: None },
+        None => DnsConfig::srv_default_client(account.jid.domain().as_str()),
+    };
+    match account.tls {
+        Tls::Required => with(StartTlsServerConnector::from(dns), account, state),
+        // accounts::parse allows this only for loopback servers.
+        Tls::None => with(TcpServerConnector::from(dns), account, state),
+    }
+}
+
+fn with<C: ServerConnector>(server: C, account: &Account, state: watch::Sender<LoginState>) -> Connector {
+    let jid: Jid = account.jid.jid().clone().into();
+    let password = account.password.clone();
+    Box::new(move |_preferred_location, mut slot| {
+        let (server, jid, password, state) = (server.clone(), jid.clone(), password.clone(), state.clone());
+        tokio::spawn(async move {
+            let mut delay = FIRST_RETRY;
+            loop {
+                state.send_replace(LoginState::Connecting);
+                match login(server.clone(), jid.clone(), password.clone()).await {
+                    Ok(connection) => {
+                        state.send_replace(LoginState::LoggedIn);
+                        if let Err(mut unused) = slot.send(connection) {
+                            // The stanza stream is gone; close politely.
+                            let close = <_ as futures::SinkExt<&tokio_xmpp::Stanza>>::close(&mut unused.stream);
+                            drop(tokio::time::timeout(Duration::from_secs(5), close).await);
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        state.send_replace(LoginState::from_error(&e));
+                        tokio::select! {
+                            () = slot.closed() => return,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                        delay = (delay * 2).min(MAX_RETRY);
+                    }
+                }
+            }
+        });
+    })
+}
+
+/// Connect, secure, authenticate and restart the stream: what tokio-xmpp's
+/// `client_auth` does, which is not public.
+async fn login<C: ServerConnector>(server: C, jid: Jid, password: String) -> Result<Connection, XmppError> {
+    let username = jid.node().map(|n| n.as_str().to_owned()).unwrap_or_default();
+    let (stream, channel_binding) = server.connect(&jid, ns::JABBER_CLIENT, Timeouts::tight()).await?;
+    let (features, stream) = stream.recv_features().await?;
+    let credentials = sasl::common::Credentials::default()
+        .with_username(username)
+        .with_password(password)
+        .with_channel_binding(channel_binding);
+    let stream = tokio_xmpp::client_login(stream, features.sasl_mechanisms, credentials).await?;
+    let stream = stream
+        .send_header(StreamHeader { to: Some(Cow::Borrowed(jid.domain().as_str())), from: None, id: None })
+        .await?;
+    let (features, stream) = stream.recv_features().await?;
+    Ok(Connection { stream: stream.box_stream(), features, identity: jid })
+}

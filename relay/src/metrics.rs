@@ -1,0 +1,75 @@
+//! The relay's Prometheus metrics, registered once per application.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    /// Acknowledged by the XMPP server.
+    Delivered,
+    /// Sent to a delay queue.
+    Retried,
+    /// Sent to the dead-letter queue.
+    Parked,
+    /// Given back to the work queue (the broker could not take a retry or
+    /// parked copy).
+    Requeued,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub condition: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub queue: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub deliveries: Family<OutcomeLabels, Counter>,
+    pub bounces: Family<ConditionLabels, Counter>,
+    pub delivery_latency: Histogram,
+    pub sessions_online: Gauge,
+    pub consuming: Gauge,
+    pub queue_messages: Family<QueueLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let metrics = Self {
+            deliveries: Family::default(),
+            bounces: Family::default(),
+            delivery_latency: Histogram::new(herald_shared::admin::latency_buckets()),
+            sessions_online: Gauge::default(),
+            consuming: Gauge::default(),
+            queue_messages: Family::default(),
+        };
+        registry.register("herald_deliveries", "Deliveries by outcome", metrics.deliveries.clone());
+        registry.register("herald_bounces", "Error stanzas bounced after the server accepted a message, by condition", metrics.bounces.clone());
+        registry.register(
+            "herald_delivery_latency_seconds",
+            "Time from the ingress accepting a job to the XMPP server acknowledging its stanza",
+            metrics.delivery_latency.clone(),
+        );
+        registry.register("herald_sessions_online", "XMPP sender sessions online", metrics.sessions_online.clone());
+        registry.register("herald_consuming", "1 while the relay consumes the work queue", metrics.consuming.clone());
+        registry.register("herald_queue_messages", "Messages ready in Herald's queues (sampled)", metrics.queue_messages.clone());
+        Arc::new(metrics)
+    }
+
+    pub fn count(&self, outcome: Outcome) {
+        self.deliveries.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+}

@@ -1,0 +1,131 @@
+//! Many messages through the real HTTP API, counted at the other end.
+
+use crate::receiver::Received;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long one message keeps being retried (503, connection refused)
+/// before the burst gives up on it, as Alertmanager would.
+const PER_MESSAGE_DEADLINE: Duration = Duration::from_secs(120);
+
+/// What a burst got accepted: job id → body.
+#[derive(Debug, Default)]
+pub struct Sent {
+    pub accepted: HashMap<String, String>,
+    /// Answers other than 202 (503 during an outage, refused connections),
+    /// each retried until accepted.
+    pub refused: usize,
+}
+
+/// Posts `n` distinct `text/plain` messages to `url` with `concurrency`
+/// requests in flight, retrying each until it gets a 202. `progress` counts
+/// the accepted ones as they come, so a test can inject a fault midway.
+pub async fn burst(
+    http: &reqwest::Client,
+    url: &str,
+    user: &str,
+    password: &str,
+    n: usize,
+    concurrency: usize,
+    progress: Arc<AtomicUsize>,
+) -> Sent {
+    let refused = Arc::new(AtomicUsize::new(0));
+    let results: Vec<(String, String)> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (progress, refused) = (Arc::clone(&progress), Arc::clone(&refused));
+            async move {
+                let body = format!("burst message {i} {}", uuid::Uuid::new_v4().simple());
+                let end = tokio::time::Instant::now() + PER_MESSAGE_DEADLINE;
+                loop {
+                    let response = http
+                        .post(url)
+                        .basic_auth(user, Some(password))
+                        .header("content-type", "text/plain")
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    if let Ok(r) = response
+                        && r.status() == 202
+                    {
+                        let json: serde_json::Value = r.json().await.expect("202 body is JSON");
+                        progress.fetch_add(1, Ordering::SeqCst);
+                        return (json["jobs"][0]["id"].as_str().expect("job id").to_owned(), body);
+                    }
+                    refused.fetch_add(1, Ordering::SeqCst);
+                    assert!(tokio::time::Instant::now() < end, "message {i} not accepted within {PER_MESSAGE_DEADLINE:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    Sent { accepted: results.into_iter().collect(), refused: refused.load(Ordering::SeqCst) }
+}
+
+/// What arrived of what was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tally {
+    pub sent: usize,
+    pub delivered: usize,
+    pub duplicates: usize,
+    pub lost: usize,
+    /// Arrived with a body other than the one accepted under its id.
+    pub altered: usize,
+}
+
+impl Tally {
+    pub fn of(sent: &Sent, received: &[Received]) -> Self {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut altered = 0;
+        for m in received {
+            let id = m.id.as_deref().unwrap_or("");
+            match sent.accepted.get(id) {
+                Some(body) if *body == m.body => *seen.entry(id).or_default() += 1,
+                _ => altered += 1,
+            }
+        }
+        let delivered = seen.len();
+        Tally {
+            sent: sent.accepted.len(),
+            delivered,
+            duplicates: seen.values().map(|n| n - 1).sum(),
+            lost: sent.accepted.len() - delivered,
+            altered,
+        }
+    }
+
+    /// One line for the test output and the README's table.
+    pub fn report(&self, fault: &str) -> String {
+        format!(
+            "FAULT {fault}: sent {} delivered {} duplicated {} lost {} altered {}",
+            self.sent, self.delivered, self.duplicates, self.lost, self.altered
+        )
+    }
+}
+
+/// Receives until every accepted id has arrived or nothing new came for
+/// `idle`; returns everything received.
+pub async fn receive_all(rx: &mut crate::Receiver, sent: &Sent, idle: Duration) -> Vec<Received> {
+    let mut received = Vec::with_capacity(sent.accepted.len());
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < sent.accepted.len() {
+        match rx.next(idle).await {
+            Some(m) => {
+                if let Some(id) = &m.id {
+                    ids.insert(id.clone());
+                }
+                received.push(m);
+            }
+            None => break,
+        }
+    }
+    // Stragglers (duplicates) that are already on their way.
+    while let Some(m) = rx.next(Duration::from_millis(500)).await {
+        received.push(m);
+    }
+    received
+}

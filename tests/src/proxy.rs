@@ -1,0 +1,91 @@
+//! A TCP proxy between the services and a server (the broker), so that a
+//! test can cut and restore the link without touching the shared broker.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+pub struct Proxy {
+    pub port: u16,
+    /// `true` while the link is cut.
+    cut: watch::Sender<bool>,
+    refusing: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Listens on a free local port and forwards every connection to
+    /// `upstream` (`host:port`).
+    pub async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let (cut, cut_rx) = watch::channel(false);
+        let refusing = Arc::new(AtomicBool::new(false));
+        let refusing_accept = Arc::clone(&refusing);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if refusing_accept.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let (upstream, mut cut_rx) = (upstream.clone(), cut_rx.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(&upstream).await else { return };
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_rx.wait_for(|cut| *cut) => {}
+                    }
+                    // Dropping both ends resets the link mid-stream.
+                });
+            }
+        });
+        Self { port, cut, refusing, task }
+    }
+
+    /// `amqp://…` URL `url` with its host and port replaced by this proxy.
+    pub fn amqp_url(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("URL with scheme");
+        let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
+        let credentials = authority.rsplit_once('@').map(|(c, _)| format!("{c}@")).unwrap_or_default();
+        format!("{scheme}://{credentials}127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.refusing.store(true, Ordering::SeqCst);
+        self.cut.send_replace(true);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+        self.refusing.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `host:port` of an `amqp://` URL.
+pub fn amqp_authority(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host_port = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+    if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5672") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_amqp_urls() {
+        assert_eq!(amqp_authority("amqp://guest:guest@127.0.0.1:5672/%2f"), "127.0.0.1:5672");
+        assert_eq!(amqp_authority("amqp://rabbit/%2f"), "rabbit:5672");
+    }
+}
