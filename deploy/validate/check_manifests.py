@@ -656,13 +656,45 @@ def external_secrets(path, versions, errors):
     return secrets
 
 
+def unreferenced_files(k8s_dir):
+    """YAML files under k8s_dir that no kustomization lists (forgotten
+    manifests), except the examples, which must stay out of every one."""
+    import os
+    listed, kustomizations = set(), []
+    for dirpath, _, files in os.walk(k8s_dir):
+        if "kustomization.yaml" in files:
+            kustomizations.append(os.path.join(dirpath, "kustomization.yaml"))
+    for path in kustomizations:
+        with open(path) as f:
+            k = yaml.safe_load(f) or {}
+        here = os.path.dirname(path)
+        refs = list(k.get("resources") or []) + list(k.get("components") or [])
+        refs += [p["path"] for p in k.get("patches") or [] if "path" in p]
+        refs += list(k.get("patchesStrategicMerge") or [])
+        for ref in refs:
+            listed.add(os.path.normpath(os.path.join(here, ref)))
+    errors = []
+    for dirpath, _, files in os.walk(k8s_dir):
+        for name in files:
+            path = os.path.normpath(os.path.join(dirpath, name))
+            if not name.endswith((".yaml", ".yml")) or name == "kustomization.yaml":
+                continue
+            in_examples = os.sep + "examples" + os.sep in os.sep + os.path.relpath(path, k8s_dir)
+            if in_examples and path in listed:
+                errors.append(f"{path}: an example must not be listed in a kustomization")
+            elif not in_examples and path not in listed:
+                errors.append(f"{path}: no kustomization lists it")
+    return errors
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--k8s-version", action="append", required=True)
     ap.add_argument("--external-secrets", required=True)
+    ap.add_argument("--k8s-dir", help="check that every manifest under it is used")
     ap.add_argument("rendered", nargs="+", metavar="NAME=FILE")
     args = ap.parse_args()
-    errors = []
+    errors = unreferenced_files(args.k8s_dir) if args.k8s_dir else []
     ext = external_secrets(args.external_secrets, args.k8s_version, errors)
     print(f"  {args.external_secrets}: {len(ext)} example Secrets")
     for item in args.rendered:

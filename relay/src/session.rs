@@ -143,6 +143,7 @@ pub fn spawn(
         ack_timeout,
         online: online_tx,
         login: login_rx,
+        reported_login: None,
         bounces,
         metrics,
         stream_management: false,
@@ -158,6 +159,8 @@ struct Session {
     ack_timeout: Duration,
     online: watch::Sender<bool>,
     login: watch::Receiver<LoginState>,
+    /// The last login problem logged, so that retries do not repeat it.
+    reported_login: Option<LoginState>,
     bounces: mpsc::UnboundedSender<Bounce>,
     metrics: Arc<Metrics>,
     /// Whether the current stream negotiated XEP-0198.
@@ -196,10 +199,20 @@ impl Session {
         }
     }
 
-    /// One log line per change of the login's state, not one per retry.
+    /// One log line per new problem with logging in, not one per retry.
     fn on_login(&mut self) {
+        let state = self.login.borrow_and_update().clone();
+        match &state {
+            LoginState::Connecting => return,
+            LoginState::LoggedIn => {
+                self.reported_login = None;
+                return;
+            }
+            _ if self.reported_login.as_ref() == Some(&state) => return,
+            _ => {}
+        }
         let account = &self.account.jid;
-        match &*self.login.borrow_and_update() {
+        match &state {
             LoginState::Rejected(why) => tracing::error!(
                 %account,
                 "XMPP login rejected ({why}); check this account's password in the accounts file. \
@@ -208,6 +221,7 @@ impl Session {
             LoginState::Unreachable(why) => tracing::warn!(%account, "XMPP server unreachable ({why}); retrying"),
             LoginState::Connecting | LoginState::LoggedIn => {}
         }
+        self.reported_login = Some(state);
     }
 
     async fn on_event(&mut self, event: Event) {

@@ -19,9 +19,18 @@ pub fn bin_dir() -> &'static PathBuf {
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "-p", "herald-ingress", "-p", "herald-relay", "--bins"]);
+        build.args(["build", "--workspace", "--bins"]);
         if dir.ends_with("release") {
             build.arg("--release");
+        }
+        // The test process carries the variables cargo set for it
+        // (CARGO_PKG_*, CARGO_MANIFEST_DIR, …); build scripts such as ring's
+        // see them as a changed environment and rebuild. Leave them out.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if (key.starts_with("CARGO_") && !matches!(&*key, "CARGO_HOME" | "CARGO_TARGET_DIR")) || key.starts_with("NEXTEST") {
+                build.env_remove(&*key);
+            }
         }
         let status = build.current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("run cargo build");
         assert!(status.success(), "cargo build of the service binaries failed");

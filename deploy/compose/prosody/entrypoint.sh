@@ -30,7 +30,8 @@ if [ ! -s "$certs/ca.pem" ] || [ ! -s "$certs/localhost.crt" ]; then
         "subjectAltName=DNS:localhost,DNS:prosody" > "$certs/private/localhost.ext"
     openssl x509 -req -days 825 -sha256 \
         -in "$certs/private/localhost.csr" \
-        -CA "$certs/ca.pem" -CAkey "$certs/private/ca.key" -CAcreateserial \
+        -CA "$certs/ca.pem" -CAkey "$certs/private/ca.key" \
+        -CAserial "$certs/private/ca.srl" -CAcreateserial \
         -extfile "$certs/private/localhost.ext" \
         -out "$certs/localhost.crt" 2>/dev/null
 fi
