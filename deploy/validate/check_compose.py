@@ -11,8 +11,10 @@
    have a health check where one is awaited, host ports are unique, and
    Herald's wiring: the AMQP URL names the broker service with its
    credentials, the users and accounts files are mounted and valid, each
-   account's server is a service of the stack with its password, and ca_file
-   lies on a mounted volume.
+   account's server is a service of the stack with its password, and the
+   trust anchors (SSL_CERT_FILE, SSL_CERT_DIR) lie on a mounted volume, set
+   for the relay whenever it talks TLS to an XMPP server of the stack (whose
+   certificate comes from a private CA).
 """
 
 import argparse
@@ -80,6 +82,14 @@ def main():
             else:
                 out.append((v.get("source"), v["target"], bool(v.get("read_only"))))
         return out
+
+    def mount_of(svc, container_path):
+        """(source, target) of the mount that holds container_path, or None."""
+        for source, target, _ in mounts_of(svc):
+            t = target.rstrip("/")
+            if container_path == t or container_path.startswith(t + "/"):
+                return source, target
+        return None
 
     def host_file(svc, container_path):
         """(host path, read-only) of a file bind-mounted at container_path."""
@@ -170,6 +180,25 @@ def main():
                 err(name, f"does not depend on {broker!r}")
         if not svc.get("read_only"):
             err(name, "read_only should be true (the image needs no writable root)")
+        # Trust anchors for XMPP TLS and amqps:// (rustls-native-certs in
+        # tokio-xmpp and lapin): when SSL_CERT_FILE or SSL_CERT_DIR is set,
+        # only those are read, instead of the system store, so what they name
+        # must be in the container: on a mounted volume, or the image's own
+        # bundle under /etc/ssl/certs.
+        trust = [("SSL_CERT_FILE", env["SSL_CERT_FILE"])] if "SSL_CERT_FILE" in env else []
+        trust += [("SSL_CERT_DIR", d) for d in env.get("SSL_CERT_DIR", "").split(":") if d]
+        for var, tpath in trust:
+            mount = mount_of(svc, tpath)
+            if not tpath.startswith("/"):
+                err(name, f"{var}={tpath} is not an absolute path")
+            elif tpath.startswith("/etc/ssl/certs/"):
+                continue
+            elif mount is None:
+                err(name, f"{var}={tpath} is on no mounted volume")
+            elif mount[0] and mount[0].startswith((".", "/")):
+                source = os.path.join(base, mount[0], os.path.relpath(tpath, mount[1]))
+                if os.path.exists(os.path.join(base, mount[0])) and not os.path.exists(source):
+                    err(name, f"{var}={tpath}: {os.path.normpath(source)} does not exist on the host")
         for var, check in (("HERALD_USERS_FILE", check_users), ("HERALD_ACCOUNTS_FILE", check_accounts)):
             if var not in env:
                 continue
@@ -202,9 +231,13 @@ def main():
                                           f"{user.upper()}_PASSWORD of the XMPP server's service")
                             if target is not None and host_part not in (svc.get("depends_on") or {}):
                                 err(name, f"does not depend on the XMPP server {host_part!r}")
-                    ca = account.get("ca_file")
-                    if ca and not any(ca.startswith(t.rstrip("/") + "/") for _, t, _ in mounts_of(svc)):
-                        err(name, f"account {account['jid']}: ca_file {ca} is on no mounted volume")
+                            # A server of the stack has no publicly trusted
+                            # certificate; its CA must be the relay's trust
+                            # anchor (there is no per-account CA setting).
+                            if (target is not None and account.get("tls", "required") != "none"
+                                    and "SSL_CERT_FILE" not in env and "SSL_CERT_DIR" not in env):
+                                err(name, f"account {account['jid']}: TLS to {server!r}, a service of the "
+                                          f"stack, needs its CA in SSL_CERT_FILE or SSL_CERT_DIR")
             if var == "HERALD_ACCOUNTS_FILE":
                 grace = svc.get("stop_grace_period", "10s")
                 m = re.fullmatch(r"(\d+)s", str(grace))

@@ -4,9 +4,11 @@ the manifest and compose checkers. Mirrors the formats in README.md."""
 import tomllib
 
 USER_KEYS = {"jid": True, "password_hash": True, "from": False}
-# ca_file: a PEM bundle of extra trust anchors for this account's server
-# (planned; the compose stack uses it for its self-signed Prosody).
-ACCOUNT_KEYS = {"jid": True, "password": True, "server": False, "tls": False, "ca_file": False}
+# Exactly the keys of the relay's accounts parser (serde deny_unknown_fields):
+# anything else, ca_file included, makes the relay refuse to start. Trust
+# anchors are not per account: a private CA goes in SSL_CERT_FILE or
+# SSL_CERT_DIR of the process (the README, "Deploying", "Private CA").
+ACCOUNT_KEYS = {"jid": True, "password": True, "server": False, "tls": False}
 
 
 def _check_entries(text, table, keys, where):
