@@ -46,9 +46,10 @@ impl Application {
         if users.is_empty() {
             tracing::warn!(file = %users_file.display(), "the users file lists no users: every request will get 401");
         }
-        let auth = Arc::new(Authenticator::new(users, Duration::from_secs(config.auth_cache_seconds)));
+        let auth = Arc::new(Authenticator::new(users, Duration::from_secs(config.auth_cache_seconds), config.login_failures));
         let topology = Topology::new(config.amqp_prefix.clone());
-        let publisher = Arc::new(ConfirmChannel::new(&config.amqp_url, "herald-ingress", topology, Vec::new()));
+        let amqp_url = herald_shared::amqp::url_or_file(&config.amqp_url, config.amqp_url_file.as_deref())?;
+        let publisher = Arc::new(ConfirmChannel::new(&amqp_url, "herald-ingress", topology, Vec::new()));
         if let Err(e) = publisher.channel().await {
             tracing::warn!(error = %e, "broker not reachable at start; answering 503 until it is");
         }
@@ -61,7 +62,10 @@ impl Application {
         let admin = Admin::bind(config.admin_listen, registry, ready)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.admin_listen)))?;
-        let state = AppState { auth, publisher: Arc::clone(&publisher), max_body_bytes: config.max_body_bytes, metrics: Arc::clone(&metrics) };
+        let state = AppState { auth, publisher: Arc::clone(&publisher), max_body_bytes: config.max_body_bytes,
+            metrics: Arc::clone(&metrics),
+            trust_forwarded_for: config.trust_forwarded_for,
+        };
         let body_limit = config.max_body_bytes.saturating_mul(ENVELOPE_FACTOR).saturating_add(ENVELOPE_EXTRA_BYTES);
         let router = Router::new()
             .route("/msg", post(routes::post_msg))
@@ -91,7 +95,8 @@ impl Application {
         let stop = CancellationToken::new();
         let admin = tokio::spawn(self.admin.serve(stop.clone().cancelled_owned()));
         let reconnect = tokio::spawn(keep_connected(Arc::clone(&self.publisher), stop.clone()));
-        let served = axum::serve(self.listener, self.router).with_graceful_shutdown(shutdown).await;
+        let service = self.router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let served = axum::serve(self.listener, service).with_graceful_shutdown(shutdown).await;
         stop.cancel();
         drop(reconnect.await);
         drop(admin.await);

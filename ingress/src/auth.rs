@@ -4,9 +4,15 @@
 //! remembered for a short time under a keyed BLAKE2 hash of the credentials
 //! (the key is random per process; the password itself is never kept).
 //! Failures are never cached. An unknown user costs one argon2 verification
-//! too, so that timing does not tell which accounts exist.
+//! too, so that timing does not tell which accounts exist. Failed logins are
+//! throttled per client address and per account (see `throttle`), and at
+//! most a few argon2 checks run at once, so that guessing can neither
+//! exhaust memory (argon2id takes 19 MiB each) nor starve the CPU.
 
 use crate::error::Error;
+use crate::throttle::Throttle;
+use std::net::IpAddr;
+use tokio::sync::Semaphore;
 use crate::users::{User, Users};
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use axum::http::HeaderMap;
@@ -33,36 +39,58 @@ pub struct Authenticator {
     ttl: Duration,
     mac_key: [u8; 32],
     cache: Mutex<HashMap<CacheKey, (Sender, Instant)>>,
+    throttle: Throttle,
+    /// Bounds the argon2 checks running at once.
+    verifying: Semaphore,
 }
 
 impl Authenticator {
-    pub fn new(users: Users, ttl: Duration) -> Self {
-        Self { users, ttl, mac_key: rand::random(), cache: Mutex::new(HashMap::new()) }
+    pub fn new(users: Users, ttl: Duration, free_failures: u32) -> Self {
+        let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        Self {
+            users,
+            ttl,
+            mac_key: rand::random(),
+            cache: Mutex::new(HashMap::new()),
+            throttle: Throttle::new(free_failures),
+            verifying: Semaphore::new(parallel),
+        }
     }
 
-    /// Checks the `Authorization` header and returns the user it names.
-    pub async fn authenticate(self: &Arc<Self>, headers: &HeaderMap) -> Result<User, Error> {
+    /// Checks the `Authorization` header of a request from `client` and
+    /// returns the user it names.
+    pub async fn authenticate(self: &Arc<Self>, headers: &HeaderMap, client: IpAddr) -> Result<User, Error> {
         let (jid_text, password) = basic_credentials(headers).ok_or(Error::Unauthorized)?;
         let Ok(jid) = Sender::parse(&jid_text) else {
-            tracing::info!(user = %jid_text, "login refused: user name is not a bare JID");
+            tracing::info!(%client, user = %jid_text, "login refused: user name is not a bare JID");
+            self.throttle.failed(client, &jid_text);
             return Err(Error::Unauthorized);
         };
         let key = self.cache_key(&jid, &password);
         if self.cached(&key, &jid) {
             return self.users.get(&jid).cloned().ok_or(Error::Unauthorized);
         }
+        let account = jid.to_string();
+        if let Some(wait) = self.throttle.check(client, &account) {
+            tracing::info!(%client, user = %jid, "login refused: too many failed logins");
+            return Err(Error::TooManyAttempts(wait.as_secs().max(1)));
+        }
+        let permit = self.verifying.acquire().await.map_err(|e| Error::Internal(e.to_string()))?;
         let this = Arc::clone(self);
         let verified_jid = jid.clone();
         let ok = tokio::task::spawn_blocking(move || this.verify(&verified_jid, &password))
             .await
             .map_err(|e| Error::Internal(format!("password check panicked: {e}")))?;
+        drop(permit);
         match (ok, self.users.get(&jid)) {
             (true, Some(user)) => {
+                self.throttle.succeeded(client, &account);
                 self.remember(key, jid);
                 Ok(user.clone())
             }
             _ => {
-                tracing::info!(user = %jid, "login refused: wrong user or password");
+                tracing::info!(%client, user = %jid, "login refused: wrong user or password");
+                self.throttle.failed(client, &account);
                 Err(Error::Unauthorized)
             }
         }
@@ -128,6 +156,8 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
+    const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     fn headers(value: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(axum::http::header::AUTHORIZATION, HeaderValue::from_str(value).expect("header"));
@@ -137,7 +167,7 @@ mod tests {
     fn authenticator(ttl: Duration) -> Arc<Authenticator> {
         let hash = crate::hash_password::hash("s3cret:with colon").expect("hash");
         let users = Users::parse(&format!("[[users]]\njid = \"a@example.com\"\npassword_hash = \"{hash}\"\n")).expect("users");
-        Arc::new(Authenticator::new(users, ttl))
+        Arc::new(Authenticator::new(users, ttl, 5))
     }
 
     fn basic(user: &str, password: &str) -> HeaderMap {
@@ -148,10 +178,10 @@ mod tests {
     #[tokio::test]
     async fn accepts_the_right_password_and_caches_it() {
         let auth = authenticator(Duration::from_secs(60));
-        let user = auth.authenticate(&basic("a@example.com", "s3cret:with colon")).await.expect("ok");
+        let user = auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT).await.expect("ok");
         assert_eq!(user.jid.to_string(), "a@example.com");
         assert_eq!(auth.cache.lock().expect("lock").len(), 1);
-        auth.authenticate(&basic("A@example.com", "s3cret:with colon")).await.expect("cached, normalised");
+        auth.authenticate(&basic("A@example.com", "s3cret:with colon"), CLIENT).await.expect("cached, normalised");
     }
 
     #[tokio::test]
@@ -165,15 +195,31 @@ mod tests {
             headers("Basic !!!"),
             HeaderMap::new(),
         ] {
-            assert!(matches!(auth.authenticate(&h).await, Err(Error::Unauthorized)));
+            assert!(matches!(auth.authenticate(&h, CLIENT).await, Err(Error::Unauthorized)));
         }
         assert!(auth.cache.lock().expect("lock").is_empty());
     }
 
     #[tokio::test]
+    async fn guessing_is_throttled_but_known_clients_keep_working() {
+        let auth = authenticator(Duration::from_secs(60));
+        auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT).await.expect("a script logs in");
+        let guesser: IpAddr = "198.51.100.9".parse().expect("ip");
+        for _ in 0..5 {
+            assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::Unauthorized)));
+        }
+        // The sixth failure locks the address and the account for a second.
+        assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::Unauthorized)));
+        assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::TooManyAttempts(1))));
+        let other: IpAddr = "203.0.113.1".parse().expect("ip");
+        assert!(matches!(auth.authenticate(&basic("a@example.com", "right?"), other).await, Err(Error::TooManyAttempts(_))), "the account is locked");
+        auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT).await.expect("the cached script is not locked out");
+    }
+
+    #[tokio::test]
     async fn a_zero_ttl_disables_the_cache() {
         let auth = authenticator(Duration::ZERO);
-        auth.authenticate(&basic("a@example.com", "s3cret:with colon")).await.expect("ok");
+        auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT).await.expect("ok");
         assert!(auth.cache.lock().expect("lock").is_empty());
     }
 }

@@ -46,6 +46,11 @@ pub struct Config {
     #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
     pub amqp_url: String,
 
+    /// File holding the RabbitMQ URL (e.g. a mounted Secret); overrides
+    /// HERALD_AMQP_URL.
+    #[arg(long, env = "HERALD_AMQP_URL_FILE")]
+    pub amqp_url_file: Option<PathBuf>,
+
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "HERALD_AMQP_PREFIX", default_value = "herald")]
     pub amqp_prefix: String,
@@ -58,6 +63,16 @@ pub struct Config {
     /// Largest message body accepted, in bytes (larger: 413).
     #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+
+    /// Failed logins allowed per client address and per account before each
+    /// further one doubles a lockout (429 with Retry-After), from 1 s to 15 min.
+    #[arg(long, env = "HERALD_LOGIN_FAILURES", default_value_t = 5)]
+    pub login_failures: u32,
+
+    /// Take the client address for login throttling from the last entry of
+    /// X-Forwarded-For (set this only behind a proxy that sets that header).
+    #[arg(long, env = "HERALD_TRUST_FORWARDED_FOR", default_value_t = false)]
+    pub trust_forwarded_for: bool,
 
     /// How long a successful password check is remembered, in seconds (0
     /// turns the cache off and runs argon2 on every request).

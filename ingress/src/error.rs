@@ -25,6 +25,9 @@ pub enum Error {
     TooLarge(String),
     #[error("no such route")]
     NotFound,
+    /// Too many failed logins from this address or for this account.
+    #[error("too many failed logins; retry in {0} s")]
+    TooManyAttempts(u64),
     /// The broker is unreachable or did not confirm: retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -57,6 +60,7 @@ impl Error {
             }
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound => StatusCode::NOT_FOUND,
+            Error::TooManyAttempts(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) | Error::Config(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -70,6 +74,7 @@ impl Error {
             Error::Invalid(ValidationError::TooLong { field: "body", .. }) | Error::TooLarge(_) => "too-large",
             Error::Invalid(_) => "invalid-message",
             Error::NotFound => "not-found",
+            Error::TooManyAttempts(_) => "too-many-failed-logins",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) | Error::Config(_) | Error::Io(_) => "internal",
         }
@@ -110,6 +115,9 @@ impl IntoResponse for Error {
             }
             Error::Unavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            }
+            Error::TooManyAttempts(seconds) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
             _ => {}
         }

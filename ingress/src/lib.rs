@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod payload;
 pub mod publisher;
 pub mod routes;
+pub mod throttle;
 pub mod users;
 
 pub use app::Application;

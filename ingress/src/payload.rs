@@ -48,6 +48,7 @@ pub fn parse(content_type: Option<&str>, body: &[u8], query: RawMessage) -> Resu
             Ok(RawMessage { body: Some(text.to_owned()), ..query })
         }
         (mime::APPLICATION, mime::WWW_FORM_URLENCODED) => {
+            check_form_utf8(body)?;
             let fields: RawMessage =
                 serde_urlencoded::from_bytes(body).map_err(|e| Error::Malformed(format!("cannot parse form: {e}")))?;
             Ok(fields.or(query))
@@ -67,6 +68,18 @@ pub fn parse(content_type: Option<&str>, body: &[u8], query: RawMessage) -> Resu
     }
 }
 
+/// Form decoding replaces invalid UTF-8 with U+FFFD without a word; refuse
+/// it instead, as for the other formats.
+fn check_form_utf8(body: &[u8]) -> Result<(), Error> {
+    for part in body.split(|b| *b == b'&' || *b == b'=') {
+        let part: Vec<u8> = part.iter().map(|b| if *b == b'+' { b' ' } else { *b }).collect();
+        percent_encoding::percent_decode(&part)
+            .decode_utf8()
+            .map_err(|e| Error::Malformed(format!("form field is not valid UTF-8: {e}")))?;
+    }
+    Ok(())
+}
+
 fn check_charset(mime: &mime::Mime) -> Result<(), Error> {
     match mime.get_param(mime::CHARSET) {
         None => Ok(()),
@@ -79,7 +92,10 @@ fn check_charset(mime: &mime::Mime) -> Result<(), Error> {
 pub fn parse_query(query: Option<&str>) -> Result<RawMessage, Error> {
     match query {
         None | Some("") => Ok(RawMessage::default()),
-        Some(q) => serde_urlencoded::from_str(q).map_err(|e| Error::Malformed(format!("cannot parse query string: {e}"))),
+        Some(q) => {
+            check_form_utf8(q.as_bytes())?;
+            serde_urlencoded::from_str(q).map_err(|e| Error::Malformed(format!("cannot parse query string: {e}")))
+        }
     }
 }
 
@@ -89,6 +105,15 @@ mod tests {
 
     fn fields(to: &str, body: &str) -> RawMessage {
         RawMessage { to: Some(to.into()), body: Some(body.into()), ..Default::default() }
+    }
+
+    #[test]
+    fn form_fields_must_be_utf8() {
+        let q = RawMessage::default();
+        assert!(matches!(parse(Some("application/x-www-form-urlencoded"), b"to=a&body=%FF%FE", q.clone()), Err(Error::Malformed(_))));
+        assert!(matches!(parse(Some("application/x-www-form-urlencoded"), b"to=a&body=\xff", q.clone()), Err(Error::Malformed(_))));
+        let ok = parse(Some("application/x-www-form-urlencoded"), b"to=a&body=caf%C3%A9+%E2%9C%93", q).expect("utf-8");
+        assert_eq!(ok.body.as_deref(), Some("caf\u{e9} \u{2713}"));
     }
 
     #[test]

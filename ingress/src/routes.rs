@@ -9,7 +9,8 @@ use crate::publisher;
 use crate::users::User;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
+use std::net::{IpAddr, SocketAddr};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -26,6 +27,7 @@ pub struct AppState {
     pub publisher: Arc<ConfirmChannel>,
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
+    pub trust_forwarded_for: bool,
 }
 
 /// The 202 answer: one entry per job.
@@ -43,23 +45,25 @@ pub struct AcceptedJob {
 /// `POST /msg/{to}`
 pub async fn post_msg_to(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     to: Result<Path<String>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
     let Path(to) = to.map_err(|e| Error::Malformed(e.body_text()))?;
-    accept(&state, Some(to), &uri, &headers, body).await
+    accept(&state, peer, Some(to), &uri, &headers, body).await
 }
 
 /// `POST /msg` with `to` in the body or the query string.
 pub async fn post_msg(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
-    accept(&state, None, &uri, &headers, body).await
+    accept(&state, peer, None, &uri, &headers, body).await
 }
 
 /// Anything else: a problem document rather than an empty 404.
@@ -69,12 +73,14 @@ pub async fn not_found() -> Error {
 
 async fn accept(
     state: &AppState,
+    peer: SocketAddr,
     path_to: Option<String>,
     uri: &Uri,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
-    let user = state.auth.authenticate(headers).await?;
+    let client = client_address(peer, headers, state.trust_forwarded_for);
+    let user = state.auth.authenticate(headers, client).await?;
     let body = body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(format!("request body exceeds the limit: {}", e.body_text())),
         _ => Error::Malformed(e.body_text()),
@@ -102,6 +108,15 @@ fn build_job(user: &User, raw: RawMessage, max_body_bytes: usize) -> Result<Job,
     let subject = ShortText::parse_optional("subject", raw.subject, MAX_SUBJECT_BYTES)?;
     let thread = ShortText::parse_optional("thread", raw.thread, MAX_THREAD_BYTES)?;
     Ok(Job::new_v1(user.sender.clone(), to, kind, body, subject, thread))
+}
+
+/// The client's address: the peer, or behind a trusted proxy the last
+/// address in `X-Forwarded-For` (the one that proxy appended).
+fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
+    let forwarded = trust_forwarded_for
+        .then(|| headers.get_all("x-forwarded-for").iter().next_back()?.to_str().ok()?.rsplit(',').next()?.trim().parse().ok())
+        .flatten();
+    forwarded.unwrap_or(peer.ip())
 }
 
 fn job_recipient(job: &Job) -> String {

@@ -36,6 +36,8 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, Error> {
         let file = config.accounts_file.clone().ok_or_else(|| Error::Config("HERALD_ACCOUNTS_FILE is required".into()))?;
         let accounts = accounts::load(&file)?;
+        let mut config = config;
+        config.amqp_url = herald_shared::amqp::url_or_file(&config.amqp_url, config.amqp_url_file.as_deref())?;
         if accounts.is_empty() {
             return Err(Error::Config(format!("the accounts file {} lists no accounts", file.display())));
         }

@@ -57,6 +57,11 @@ pub struct BrokerArgs {
     /// RabbitMQ URL (amqp:// or amqps://).
     #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
     pub amqp_url: String,
+    /// File holding the RabbitMQ URL (e.g. a mounted Secret); overrides
+    /// HERALD_AMQP_URL.
+    #[arg(long, env = "HERALD_AMQP_URL_FILE")]
+    pub amqp_url_file: Option<PathBuf>,
+
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "HERALD_AMQP_PREFIX", default_value = "herald")]
     pub amqp_prefix: String,
@@ -69,6 +74,11 @@ pub struct Config {
     /// RabbitMQ URL (amqp:// or amqps://).
     #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
     pub amqp_url: String,
+
+    /// File holding the RabbitMQ URL (e.g. a mounted Secret); overrides
+    /// HERALD_AMQP_URL.
+    #[arg(long, env = "HERALD_AMQP_URL_FILE")]
+    pub amqp_url_file: Option<PathBuf>,
 
     /// Prefix of every exchange and queue name.
     #[arg(long, env = "HERALD_AMQP_PREFIX", default_value = "herald")]

@@ -52,7 +52,8 @@ impl Parked {
 /// how many it printed. The queue is left as it was.
 pub async fn list(broker: &BrokerArgs, limit: usize, out: &mut impl Write) -> Result<usize, Error> {
     let topology = Topology::new(broker.amqp_prefix.clone());
-    let connection = amqp::connect(&broker.amqp_url, "herald-relay dead list").await?;
+    let url = amqp::url_or_file(&broker.amqp_url, broker.amqp_url_file.as_deref())?;
+    let connection = amqp::connect(&url, "herald-relay dead list").await?;
     let channel = connection.create_channel().await?;
     let mut printed = 0;
     while printed < limit {
@@ -73,8 +74,9 @@ pub async fn list(broker: &BrokerArgs, limit: usize, out: &mut impl Write) -> Re
 /// it runs wait for the next replay.
 pub async fn replay(broker: &BrokerArgs, ids: &[String]) -> Result<usize, Error> {
     let topology = Topology::new(broker.amqp_prefix.clone());
-    let publisher = ConfirmChannel::new(&broker.amqp_url, "herald-relay dead replay", topology.clone(), Vec::new());
-    let connection = amqp::connect(&broker.amqp_url, "herald-relay dead replay").await?;
+    let url = amqp::url_or_file(&broker.amqp_url, broker.amqp_url_file.as_deref())?;
+    let publisher = ConfirmChannel::new(&url, "herald-relay dead replay", topology.clone(), Vec::new());
+    let connection = amqp::connect(&url, "herald-relay dead replay").await?;
     let channel = connection.create_channel().await?;
     let options = QueueDeclareOptions { passive: true, ..Default::default() };
     let parked = channel.queue_declare(topology.dead_queue().as_str().into(), options, FieldTable::default()).await?.message_count();

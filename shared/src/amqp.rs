@@ -31,6 +31,22 @@ pub enum PublishError {
     Unroutable,
 }
 
+/// Reads a secret mounted as a file (a Kubernetes Secret), without the
+/// trailing newline editors and `echo` add.
+pub fn read_secret_file(path: &std::path::Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(text.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+/// The broker URL: from `file` if one is given, else `url`.
+pub fn url_or_file(url: &str, file: Option<&std::path::Path>) -> std::io::Result<String> {
+    match file {
+        Some(path) => read_secret_file(path)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read the AMQP URL from {}: {e}", path.display()))),
+        None => Ok(url.to_owned()),
+    }
+}
+
 /// Opens a connection named after the service, so that it can be told apart
 /// in the management UI.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {

@@ -56,6 +56,23 @@ impl Broker {
         Some(message)
     }
 
+    /// Publishes raw bytes to the work queue, as a broken or hostile
+    /// producer could.
+    pub async fn publish_raw(&self, payload: &[u8]) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.topology().exchange().as_str().into(),
+                herald_shared::topology::WORK_ROUTING_KEY.into(),
+                lapin::options::BasicPublishOptions::default(),
+                payload,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        drop(confirm);
+    }
+
     /// Deletes this test's exchange and queues.
     pub async fn cleanup(&self, retry_delays: &[Duration]) {
         let t = self.topology();

@@ -146,16 +146,20 @@ pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> hera
         listen: "127.0.0.1:0".parse().expect("addr"),
         admin_listen: "127.0.0.1:0".parse().expect("addr"),
         amqp_url: amqp_url.to_owned(),
+        amqp_url_file: None,
         amqp_prefix: prefix.to_owned(),
         users_file: Some(users_file),
         max_body_bytes: herald_shared::domain::DEFAULT_MAX_BODY_BYTES,
         auth_cache_seconds: 300,
+        login_failures: 5,
+        trust_forwarded_for: false,
     }
 }
 
 pub fn relay_config(amqp_url: &str, prefix: &str, accounts_file: PathBuf, retry_delays: &[Duration]) -> herald_relay::config::Config {
     herald_relay::config::Config {
         amqp_url: amqp_url.to_owned(),
+        amqp_url_file: None,
         amqp_prefix: prefix.to_owned(),
         admin_listen: "127.0.0.1:0".parse().expect("addr"),
         accounts_file: Some(accounts_file),

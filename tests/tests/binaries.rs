@@ -1,7 +1,7 @@
 //! The real binaries, configured only through the documented environment
 //! variables.
 
-use herald_tests::binaries::{self, ServiceEnv};
+use herald_tests::binaries::{self, Service, ServiceEnv};
 use herald_tests::stack::user_entry;
 use herald_tests::{poll, Broker, Prosody, Receiver};
 use std::io::Write;
@@ -25,7 +25,13 @@ async fn the_binaries_deliver_a_message_and_stop_cleanly_on_sigterm() {
     let env = ServiceEnv::new(broker.url.clone(), broker.prefix.clone(), users, accounts);
     let port = env.ingress_port;
     let ingress = env.spawn_ingress();
-    let relay = env.spawn_relay();
+    // The relay reads its broker URL from a file, as from a mounted Secret.
+    let url_file = dir.path().join("amqp-url");
+    std::fs::write(&url_file, format!("{}\n", broker.url)).expect("url file");
+    let mut relay_env = env.relay();
+    relay_env.retain(|(k, _)| *k != "HERALD_AMQP_URL");
+    relay_env.push(("HERALD_AMQP_URL_FILE", url_file.display().to_string()));
+    let relay = Service::spawn("herald-relay", &relay_env);
 
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/msg/{}", recipient.jid);
@@ -77,7 +83,7 @@ fn help_documents_every_setting() {
         String::from_utf8(out.stdout).expect("utf-8")
     };
     let ingress = help("herald-ingress");
-    for name in ["HERALD_LISTEN", "HERALD_AMQP_URL", "HERALD_AMQP_PREFIX", "HERALD_USERS_FILE", "HERALD_ADMIN_LISTEN", "HERALD_MAX_BODY_BYTES", "HERALD_AUTH_CACHE_SECONDS", "hash-password", "healthcheck"] {
+    for name in ["HERALD_LISTEN", "HERALD_AMQP_URL", "HERALD_AMQP_PREFIX", "HERALD_USERS_FILE", "HERALD_ADMIN_LISTEN", "HERALD_MAX_BODY_BYTES", "HERALD_AUTH_CACHE_SECONDS", "HERALD_AMQP_URL_FILE", "HERALD_LOGIN_FAILURES", "hash-password", "healthcheck"] {
         assert!(ingress.contains(name), "herald-ingress --help mentions {name}");
     }
     let relay = help("herald-relay");
