@@ -101,7 +101,7 @@ async fn accept(
 }
 
 /// Validates the raw fields into a job sent as the user's sender.
-fn build_job(user: &User, raw: RawMessage, max_body_bytes: usize) -> Result<Job, Error> {
+pub fn build_job(user: &User, raw: RawMessage, max_body_bytes: usize) -> Result<Job, Error> {
     let to = Recipient::parse(raw.to.as_deref().unwrap_or(""), user.jid.domain())?;
     let kind = MessageKind::parse(raw.kind.as_deref())?;
     let body = Body::parse(raw.body.unwrap_or_default(), max_body_bytes)?;
