@@ -5,7 +5,8 @@
 //! jid = "alerts@example.com"
 //! password = "…"
 //! server = "xmpp.example.com:5222"   # optional: skip SRV lookup
-//! tls = "required"                    # default; "none" only for loopback test servers
+//! tls = "required"                    # default (STARTTLS); "direct" (TLS from the start);
+//!                                     # "none" only for loopback test servers
 //! ```
 
 use crate::error::Error;
@@ -37,6 +38,9 @@ pub enum Tls {
     /// STARTTLS with certificate verification.
     #[default]
     Required,
+    /// Direct TLS (XEP-0368, usually port 5223) with certificate
+    /// verification; needs `server`, or `_xmpps-client` SRV records.
+    Direct,
     /// Plaintext: only for a test server on the loopback interface.
     None,
 }

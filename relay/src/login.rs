@@ -11,7 +11,7 @@ use crate::accounts::{Account, Tls};
 use std::borrow::Cow;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
-use tokio_xmpp::connect::{DnsConfig, ServerConnector, StartTlsServerConnector, TcpServerConnector};
+use tokio_xmpp::connect::{DirectTlsServerConnector, DnsConfig, ServerConnector, StartTlsServerConnector, TcpServerConnector};
 use tokio_xmpp::error::{AuthError, Error as XmppError};
 use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::ns;
@@ -53,6 +53,13 @@ pub fn connector(account: &Account, state: watch::Sender<LoginState>) -> Connect
     };
     match account.tls {
         Tls::Required => with(StartTlsServerConnector::from(dns), account, state),
+        Tls::Direct => {
+            let dns = match &account.server {
+                Some(_) => dns,
+                None => DnsConfig::srv_xmpps(account.jid.domain().as_str()),
+            };
+            with(DirectTlsServerConnector::from(dns), account, state)
+        }
         // accounts::parse allows this only for loopback servers.
         Tls::None => with(TcpServerConnector::from(dns), account, state),
     }

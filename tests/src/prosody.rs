@@ -20,6 +20,8 @@ pub struct Prosody {
     pub port: u16,
     child: Option<Child>,
     stream_management: bool,
+    /// With TLS: the CA that signed the server's certificate for `localhost`.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Prosody {
@@ -31,6 +33,16 @@ impl Prosody {
     /// Starts Prosody; `stream_management = false` leaves mod_smacks out so
     /// that the relay's fallback (ping after the stanza) is exercised.
     pub async fn start_with(stream_management: bool) -> Self {
+        Self::start_configured(stream_management, false).await
+    }
+
+    /// Starts Prosody offering STARTTLS with a certificate for `localhost`
+    /// from a private CA made for the test (`ca_file`).
+    pub async fn start_with_tls() -> Self {
+        Self::start_configured(true, true).await
+    }
+
+    async fn start_configured(stream_management: bool, tls: bool) -> Self {
         let prosody = which("prosody");
         which("prosodyctl");
         let mut dir = tempfile::Builder::new().prefix("herald-prosody-").tempdir().expect("tempdir");
@@ -40,9 +52,12 @@ impl Prosody {
             eprintln!("keeping Prosody's directory {}", dir.path().display());
         }
         let port = free_port();
-        let mut this = Self { dir, port, child: None, stream_management };
+        let mut this = Self { dir, port, child: None, stream_management, ca_file: None };
         std::fs::create_dir_all(this.dir.path().join("data")).expect("data dir");
         std::fs::create_dir_all(this.dir.path().join("certs")).expect("certs dir");
+        if tls {
+            this.ca_file = Some(make_certificates(&this.dir.path().join("certs")));
+        }
         std::fs::write(this.config_path(), this.config()).expect("config");
         this.spawn(&prosody).await;
         this
@@ -74,15 +89,22 @@ legacy_ssl_ports = {{}}
 s2s_ports = {{}}
 http_ports = {{}}
 https_ports = {{}}
-modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; {smacks} }}
+modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; {smacks} {tls_module} }}
 modules_disabled = {{ "s2s" }}
 authentication = "internal_hashed"
 storage = "internal"
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = false
 c2s_stanza_size_limit = 512 * 1024
+{ssl}
 VirtualHost "{DOMAIN}"
 "#,
+            tls_module = if self.ca_file.is_some() { "\"tls\";" } else { "" },
+            ssl = if self.ca_file.is_some() {
+                format!("ssl = {{ certificate = \"{dir}/certs/localhost.crt\", key = \"{dir}/certs/localhost.key\" }}")
+            } else {
+                String::new()
+            },
             user = current_user(),
             port = self.port,
         )
@@ -171,6 +193,24 @@ impl Drop for Prosody {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A CA and a certificate for `localhost` signed by it, with openssl.
+/// Returns the CA's PEM file.
+fn make_certificates(dir: &Path) -> PathBuf {
+    let openssl = which("openssl");
+    let run = |args: &[&str]| {
+        let status = Command::new(&openssl).args(args).current_dir(dir).stdout(Stdio::null()).stderr(Stdio::null()).status().expect("openssl");
+        assert!(status.success(), "openssl {args:?} failed");
+    };
+    run(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Herald test CA"]);
+    run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "localhost.key", "-out", "localhost.csr", "-subj", "/CN=localhost"]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n").expect("ext");
+    run(&[
+        "x509", "-req", "-in", "localhost.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "localhost.crt", "-days", "2",
+        "-extfile", "ext.cnf",
+    ]);
+    dir.join("ca.pem")
 }
 
 fn which(binary: &str) -> PathBuf {
