@@ -2,8 +2,10 @@
 //! sender's session, and settled by the outcome: ack on success, a delay
 //! queue for transient failures, the parking lot for permanent ones. A
 //! delivery is acked only after its successor (retry or parked copy) was
-//! confirmed by the broker, so no path loses a job.
+//! confirmed by the broker, so no path loses a job. Acks go out in batches
+//! (`acks`).
 
+use crate::acks::Acks;
 use crate::error::DeliveryError;
 use crate::retry::{self, Next};
 use crate::metrics::{ConditionLabels, Metrics, Outcome};
@@ -12,10 +14,11 @@ use crate::session::{Bounce, SessionHandle};
 use crate::stanza;
 use futures::StreamExt;
 use herald_shared::amqp::{self, ConfirmChannel, PublishError};
+use herald_shared::job::CONTENT_TYPE;
 use herald_shared::topology::headers;
 use herald_shared::{Job, Sender, Topology};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use std::collections::HashMap;
@@ -40,7 +43,7 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub async fn handle(&self, delivery: Delivery) {
+    pub async fn handle(&self, delivery: Delivery, acks: &Acks) {
         let attempts = header_u32(&delivery.properties, headers::ATTEMPT);
         let mut accepted_at_ms = None;
         let (id, outcome) = match Job::decode(&delivery.data) {
@@ -48,15 +51,15 @@ impl Dispatcher {
             Ok(job) => {
                 let Job::V1(v1) = &job;
                 accepted_at_ms = Some(v1.accepted_at_ms);
-                let id = job.id().to_string();
-                self.recent.begin(&id);
+                let id = job.id();
+                self.recent.begin(id);
                 let outcome = self.deliver(&job).await;
                 (Some(id), outcome)
             }
         };
-        let outcome = match (outcome, &id) {
+        let outcome = match (outcome, id) {
             (Ok(()), Some(id)) => {
-                let job = Delivered { data: delivery.data.clone(), properties: delivery.properties.clone() };
+                let job = Delivered { data: delivery.data.as_slice().into(), attempts, timestamp: *delivery.properties.timestamp() };
                 match self.recent.delivered(id, job) {
                     None => Ok(()),
                     Some(bounce) => Err(bounce_error(&bounce)),
@@ -79,21 +82,23 @@ impl Dispatcher {
                 }
                 Ok(())
             }
-            Err(error) => self.settle_failure(id.as_deref(), &delivery.data, &delivery.properties, attempts, &error).await,
+            Err(error) => {
+                let id = id.map(|id| id.to_string());
+                self.settle_failure(id.as_deref(), &delivery.data, &delivery.properties, attempts, &error).await
+            }
         };
-        let result = match settled {
-            Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
+        match settled {
+            Ok(()) => acks.finished(delivery.delivery_tag),
             Err(e) => {
                 // Neither retried nor parked: give it back to the work queue.
                 // The broker's delivery limit bounds how often this happens.
                 tracing::warn!(id = ?id, error = %e, "cannot hand the job on; returning it to the queue");
                 self.metrics.count(Outcome::Requeued);
-                delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+                if let Err(e) = acks.requeue(delivery.delivery_tag).await {
+                    // The channel is gone; the broker redelivers the job.
+                    tracing::warn!(id = ?id, error = %e, "cannot requeue the delivery; it will be redelivered");
+                }
             }
-        };
-        if let Err(e) = result {
-            // The channel is gone; the broker redelivers the job.
-            tracing::warn!(id = ?id, error = %e, "cannot settle the delivery; it will be redelivered");
         }
     }
 
@@ -109,9 +114,14 @@ impl Dispatcher {
                 return;
             }
         };
-        let attempts = header_u32(&job.properties, headers::ATTEMPT);
+        let mut properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_message_id(bounce.id.as_str().into());
+        if let Some(timestamp) = job.timestamp {
+            properties = properties.with_timestamp(timestamp);
+        }
         let error = bounce_error(&bounce);
-        if let Err(e) = self.settle_failure(Some(&bounce.id), &job.data, &job.properties, attempts, &error).await {
+        if let Err(e) = self.settle_failure(Some(&bounce.id), &job.data, &properties, job.attempts, &error).await {
             tracing::error!(id = %bounce.id, condition = %bounce.condition, error = %e, "cannot park a bounced message; it is only in this log line");
         }
     }
@@ -238,13 +248,19 @@ pub async fn run(
         };
         tracing::info!(queue = %dispatcher.topology.work_queue(), prefetch, "consuming");
         dispatcher.metrics.consuming.set(1);
+        let acks = Arc::new(Acks::new(channel.clone()));
+        let acks_stop = CancellationToken::new();
+        let flusher = tokio::spawn({
+            let (acks, stop) = (Arc::clone(&acks), acks_stop.clone());
+            async move { acks.run(stop).await }
+        });
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        let dispatcher = Arc::clone(&dispatcher);
-                        tracker.spawn(async move { dispatcher.handle(delivery).await });
+                        let (dispatcher, acks) = (Arc::clone(&dispatcher), Arc::clone(&acks));
+                        tracker.spawn(async move { dispatcher.handle(delivery, &acks).await });
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "broker connection lost; reconnecting");
@@ -264,6 +280,11 @@ pub async fn run(
                 tracing::warn!(error = %e, "cannot cancel the consumer");
             }
             drain(&tracker, drain_timeout).await;
+        }
+        // The last acks, before the channel closes.
+        acks_stop.cancel();
+        if tokio::time::timeout(amqp::CONNECT_TIMEOUT, flusher).await.is_err() {
+            tracing::warn!("the last acks did not go out in time; the broker will redeliver those jobs");
         }
         drop(connection.close(200, "relay stopping or reconnecting".into()).await);
     }

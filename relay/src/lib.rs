@@ -3,6 +3,7 @@
 //! stanza.
 
 pub mod accounts;
+pub mod acks;
 pub mod app;
 pub mod config;
 pub mod consumer;

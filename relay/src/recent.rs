@@ -6,25 +6,29 @@
 //! each id is tracked from the moment its stanza is sent.
 
 use crate::session::Bounce;
-use lapin::BasicProperties;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
+use uuid::Uuid;
 
 /// How many settled jobs are remembered. A bounce from the local server
 /// follows its message within milliseconds, one through s2s within
-/// seconds; this covers many seconds at thousands of jobs a second.
+/// seconds; this covers many seconds at thousands of jobs a second, in
+/// about 10 MiB (an entry holds the job's bytes and little else).
 pub const CAPACITY: usize = 16 * 1024;
 
 /// A job that was delivered and then bounced: what is needed to republish it.
 #[derive(Debug, Clone)]
 pub struct Delivered {
-    pub data: Vec<u8>,
-    pub properties: BasicProperties,
+    pub data: Box<[u8]>,
+    /// Delivery attempts before this one.
+    pub attempts: u32,
+    /// The AMQP timestamp of the original publish.
+    pub timestamp: Option<u64>,
 }
 
 #[derive(Debug)]
 enum Slot {
-    InFlight { bounce: Option<Bounce> },
+    InFlight { bounce: Option<Box<Bounce>> },
     Delivered(Box<Delivered>),
 }
 
@@ -35,9 +39,9 @@ pub struct Recent {
 
 #[derive(Debug, Default)]
 struct Inner {
-    slots: HashMap<String, Slot>,
+    slots: HashMap<Uuid, Slot>,
     /// Settled ids, oldest first, to forget beyond `CAPACITY`.
-    order: VecDeque<String>,
+    order: VecDeque<Uuid>,
 }
 
 impl Recent {
@@ -47,24 +51,24 @@ impl Recent {
     }
 
     /// The stanza for `id` is about to be sent.
-    pub fn begin(&self, id: &str) {
-        self.lock().slots.insert(id.to_owned(), Slot::InFlight { bounce: None });
+    pub fn begin(&self, id: Uuid) {
+        self.lock().slots.insert(id, Slot::InFlight { bounce: None });
     }
 
     /// The attempt failed: nothing to remember.
-    pub fn forget(&self, id: &str) {
-        self.lock().slots.remove(id);
+    pub fn forget(&self, id: Uuid) {
+        self.lock().slots.remove(&id);
     }
 
     /// The server acknowledged the stanza. Returns the bounce that already
     /// arrived for it, if any; otherwise remembers the job for later ones.
-    pub fn delivered(&self, id: &str, job: Delivered) -> Option<Bounce> {
+    pub fn delivered(&self, id: Uuid, job: Delivered) -> Option<Bounce> {
         let mut inner = self.lock();
-        if let Some(Slot::InFlight { bounce: Some(bounce) }) = inner.slots.remove(id) {
-            return Some(bounce);
+        if let Some(Slot::InFlight { bounce: Some(bounce) }) = inner.slots.remove(&id) {
+            return Some(*bounce);
         }
-        inner.slots.insert(id.to_owned(), Slot::Delivered(Box::new(job)));
-        inner.order.push_back(id.to_owned());
+        inner.slots.insert(id, Slot::Delivered(Box::new(job)));
+        inner.order.push_back(id);
         while inner.order.len() > CAPACITY {
             if let Some(old) = inner.order.pop_front()
                 && matches!(inner.slots.get(&old), Some(Slot::Delivered(_)))
@@ -77,15 +81,17 @@ impl Recent {
 
     /// A bounce arrived. Returns the job if it was already settled (the
     /// caller parks or retries it); records the bounce if the job is still
-    /// in flight; returns `None` for ids it does not know.
+    /// in flight; `Unknown` for ids it does not know (or that are not job
+    /// ids at all).
     pub fn bounced(&self, bounce: &Bounce) -> Lookup {
+        let Ok(id) = Uuid::parse_str(&bounce.id) else { return Lookup::Unknown };
         let mut inner = self.lock();
-        match inner.slots.get_mut(&bounce.id) {
+        match inner.slots.get_mut(&id) {
             Some(Slot::InFlight { bounce: slot }) => {
-                *slot = Some(bounce.clone());
+                *slot = Some(Box::new(bounce.clone()));
                 Lookup::InFlight
             }
-            Some(Slot::Delivered(_)) => match inner.slots.remove(&bounce.id) {
+            Some(Slot::Delivered(_)) => match inner.slots.remove(&id) {
                 Some(Slot::Delivered(job)) => Lookup::Delivered(job),
                 _ => Lookup::Unknown,
             },
@@ -105,41 +111,47 @@ pub enum Lookup {
 mod tests {
     use super::*;
 
-    fn bounce(id: &str) -> Bounce {
-        Bounce { id: id.into(), condition: "service-unavailable".into(), kind: "cancel".into(), from: "x@y".into() }
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n + 1)
+    }
+
+    fn bounce(n: u128) -> Bounce {
+        Bounce { id: id(n).to_string(), condition: "service-unavailable".into(), kind: "cancel".into(), from: "x@y".into() }
     }
 
     fn job() -> Delivered {
-        Delivered { data: b"{}".to_vec(), properties: BasicProperties::default() }
+        Delivered { data: b"{}".to_vec().into(), attempts: 0, timestamp: None }
     }
 
     #[test]
     fn a_bounce_before_the_ack_is_handed_to_the_ack() {
         let recent = Recent::default();
-        recent.begin("a");
-        assert!(matches!(recent.bounced(&bounce("a")), Lookup::InFlight));
-        assert_eq!(recent.delivered("a", job()), Some(bounce("a")));
-        assert!(matches!(recent.bounced(&bounce("a")), Lookup::Unknown));
+        recent.begin(id(0));
+        assert!(matches!(recent.bounced(&bounce(0)), Lookup::InFlight));
+        assert_eq!(recent.delivered(id(0), job()), Some(bounce(0)));
+        assert!(matches!(recent.bounced(&bounce(0)), Lookup::Unknown));
     }
 
     #[test]
     fn a_bounce_after_the_ack_returns_the_job_once() {
         let recent = Recent::default();
-        recent.begin("a");
-        assert_eq!(recent.delivered("a", job()), None);
-        assert!(matches!(recent.bounced(&bounce("a")), Lookup::Delivered(_)));
-        assert!(matches!(recent.bounced(&bounce("a")), Lookup::Unknown));
+        recent.begin(id(0));
+        assert_eq!(recent.delivered(id(0), job()), None);
+        assert!(matches!(recent.bounced(&bounce(0)), Lookup::Delivered(_)));
+        assert!(matches!(recent.bounced(&bounce(0)), Lookup::Unknown));
     }
 
     #[test]
     fn old_jobs_are_forgotten() {
         let recent = Recent::default();
-        for i in 0..=CAPACITY {
-            recent.begin(&i.to_string());
-            recent.delivered(&i.to_string(), job());
+        for i in 0..=CAPACITY as u128 {
+            recent.begin(id(i));
+            recent.delivered(id(i), job());
         }
-        assert!(matches!(recent.bounced(&bounce("0")), Lookup::Unknown));
-        assert!(matches!(recent.bounced(&bounce("1")), Lookup::Delivered(_)));
-        assert!(matches!(recent.bounced(&bounce("nope")), Lookup::Unknown));
+        assert!(matches!(recent.bounced(&bounce(0)), Lookup::Unknown));
+        assert!(matches!(recent.bounced(&bounce(1)), Lookup::Delivered(_)));
+        assert!(matches!(recent.bounced(&bounce(CAPACITY as u128 + 1)), Lookup::Unknown));
+        let not_a_job = Bounce { id: "not-a-uuid".into(), ..bounce(1) };
+        assert!(matches!(recent.bounced(&not_a_job), Lookup::Unknown));
     }
 }

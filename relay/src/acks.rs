@@ -1,0 +1,121 @@
+//! Acknowledging the deliveries of one channel in batches.
+//!
+//! Jobs finish out of order, and each finished job used to cost the broker
+//! one `basic.ack` (for a quorum queue, one settle command in its Raft log).
+//! Here a finished job only marks its delivery tag; a flusher task acks,
+//! with `multiple`, everything up to the highest tag below which every
+//! delivery is finished. The server's XEP-0198 acks cover many stanzas at
+//! once, so one AMQP ack usually covers many jobs too, and no job is acked
+//! before it is finished: a tag is acked only once it and every tag before
+//! it were marked.
+//!
+//! Requeues are sent at once, one by one, and mark the tag only after the
+//! broker took the nack, so a batch ack never covers a job that is still
+//! to be given back.
+
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::Channel;
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug)]
+pub struct Acks {
+    channel: Channel,
+    finished: Mutex<Finished>,
+    advanced: Notify,
+}
+
+/// Delivery tags on a channel are consecutive from 1 (one consumer, no
+/// `basic.get`), so "everything up to `through`" needs no list of tags.
+#[derive(Debug, Default)]
+struct Finished {
+    /// Every tag up to and including this one is finished.
+    through: u64,
+    /// Finished tags above `through`.
+    ahead: BTreeSet<u64>,
+}
+
+impl Finished {
+    /// Marks `tag`; true if `through` moved.
+    fn mark(&mut self, tag: u64) -> bool {
+        if tag <= self.through {
+            return false;
+        }
+        self.ahead.insert(tag);
+        let before = self.through;
+        while self.ahead.remove(&(self.through + 1)) {
+            self.through += 1;
+        }
+        self.through != before
+    }
+}
+
+impl Acks {
+    pub fn new(channel: Channel) -> Self {
+        Self { channel, finished: Mutex::new(Finished::default()), advanced: Notify::new() }
+    }
+
+    /// The job of delivery `tag` was handed on (delivered, retried or
+    /// parked): it may be acked.
+    pub fn finished(&self, tag: u64) {
+        // A panic while holding this lock leaves consistent data behind.
+        let advanced = self.finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner).mark(tag);
+        if advanced {
+            self.advanced.notify_one();
+        }
+    }
+
+    /// Gives delivery `tag` back to the work queue now.
+    pub async fn requeue(&self, tag: u64) -> Result<(), lapin::Error> {
+        self.channel.basic_nack(tag, BasicNackOptions { requeue: true, multiple: false }).await?;
+        self.finished(tag);
+        Ok(())
+    }
+
+    /// Acks what finished, as it finishes, until `stop` is cancelled; then
+    /// acks what finished by then and returns. Only this task sends acks,
+    /// so no tag is ever acked twice (which the broker answers by closing
+    /// the channel).
+    pub async fn run(&self, stop: CancellationToken) {
+        let mut acked = 0;
+        loop {
+            let stopping = tokio::select! {
+                () = self.advanced.notified() => false,
+                () = stop.cancelled() => true,
+            };
+            let through = self.finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner).through;
+            if through > acked {
+                if let Err(e) = self.channel.basic_ack(through, BasicAckOptions { multiple: true }).await {
+                    tracing::warn!(error = %e, "cannot ack deliveries; the broker will redeliver them");
+                    return;
+                }
+                acked = through;
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Finished;
+
+    #[test]
+    fn acks_only_behind_the_first_unfinished_tag() {
+        let mut finished = Finished::default();
+        assert!(!finished.mark(2), "1 is still out");
+        assert!(!finished.mark(4));
+        assert_eq!(finished.through, 0);
+        assert!(finished.mark(1));
+        assert_eq!(finished.through, 2, "3 is still out");
+        assert!(finished.mark(3));
+        assert_eq!(finished.through, 4);
+        assert!(finished.ahead.is_empty());
+        assert!(!finished.mark(3), "a tag marked twice changes nothing");
+        assert_eq!(finished.through, 4);
+    }
+}
