@@ -94,7 +94,7 @@ pub struct Config {
     pub accounts_file: Option<PathBuf>,
 
     /// How many unacknowledged jobs the relay holds at once.
-    #[arg(long, env = "HERALD_PREFETCH", default_value_t = 256)]
+    #[arg(long, env = "HERALD_PREFETCH", default_value_t = 1024)]
     pub prefetch: u16,
 
     /// Delays between delivery attempts after a transient failure; after the

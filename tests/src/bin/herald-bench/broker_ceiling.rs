@@ -1,0 +1,97 @@
+//! The broker's own ceiling: confirmed, persistent, mandatory publishes of a
+//! real job to a quorum queue with Herald's topology, as the ingress makes
+//! them, many in flight per confirm channel, on a throwaway prefix.
+
+use herald_shared::job::CONTENT_TYPE;
+use herald_shared::topology::WORK_ROUTING_KEY;
+use herald_shared::Topology;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::{BasicProperties, Channel, Connection};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What one measurement achieved.
+#[derive(Debug, Clone)]
+pub struct Publishing {
+    pub channels: usize,
+    pub in_flight_per_channel: usize,
+    pub confirmed: usize,
+    pub failed: usize,
+    pub elapsed: Duration,
+}
+
+impl Publishing {
+    pub fn rate(&self) -> f64 {
+        crate::stats::rate(self.confirmed, self.elapsed)
+    }
+}
+
+/// Publishes `payload` for `duration` with `in_flight` publishes awaiting
+/// their confirm on each of `channels` confirm channels.
+pub async fn measure(url: &str, payload: &[u8], channels: usize, in_flight: usize, duration: Duration) -> Publishing {
+    let connection = herald_shared::amqp::connect(url, "herald-bench publisher").await.expect("connect to the broker");
+    let topology = Topology::new(format!("herald-bench-{}", uuid::Uuid::new_v4().simple()));
+    let setup = connection.create_channel().await.expect("open a channel");
+    topology.declare(&setup, &[]).await.expect("declare the throwaway topology");
+    let mut confirm_channels = Vec::with_capacity(channels);
+    for _ in 0..channels {
+        confirm_channels.push(confirm_channel(&connection).await);
+    }
+    let confirmed = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let payload: Arc<[u8]> = payload.into();
+    let started = Instant::now();
+    let end = started + duration;
+    let mut publishers = Vec::with_capacity(channels * in_flight);
+    for channel in &confirm_channels {
+        for _ in 0..in_flight {
+            let (channel, exchange, payload) = (channel.clone(), topology.exchange(), Arc::clone(&payload));
+            let (confirmed, failed) = (Arc::clone(&confirmed), Arc::clone(&failed));
+            publishers.push(tokio::spawn(async move {
+                while Instant::now() < end {
+                    let counter = if publish(&channel, &exchange, &payload).await { &confirmed } else { &failed };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+    }
+    for publisher in publishers {
+        publisher.await.expect("publisher task");
+    }
+    let elapsed = started.elapsed();
+    delete(&setup, &topology).await;
+    drop(connection.close(200, "done".into()).await);
+    Publishing { channels, in_flight_per_channel: in_flight, confirmed: confirmed.load(Ordering::Relaxed), failed: failed.load(Ordering::Relaxed), elapsed }
+}
+
+async fn confirm_channel(connection: &Connection) -> Channel {
+    let channel = connection.create_channel().await.expect("open a channel");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
+    channel
+}
+
+/// One publish as the ingress makes it; true if confirmed and routed.
+async fn publish(channel: &Channel, exchange: &str, payload: &[u8]) -> bool {
+    let properties = BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_message_id(uuid::Uuid::now_v7().to_string().into())
+        .with_timestamp(herald_shared::job::now_ms() / 1000)
+        .with_app_id("herald-bench".into())
+        .with_delivery_mode(2);
+    let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+    match channel.basic_publish(exchange.into(), WORK_ROUTING_KEY.into(), options, payload, properties).await {
+        Ok(pending) => match pending.await {
+            Ok(confirm) => confirm.is_ack() && confirm.take_message().is_none(),
+            Err(_) => false,
+        },
+        Err(_) => false,
+    }
+}
+
+async fn delete(channel: &Channel, topology: &Topology) {
+    for queue in [topology.work_queue(), topology.dead_queue()] {
+        drop(channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await);
+    }
+    drop(channel.exchange_delete(topology.exchange().into(), ExchangeDeleteOptions::default()).await);
+}

@@ -1,0 +1,110 @@
+//! Herald itself: the real release binaries, started through the harness's
+//! `ServiceEnv`, with their logs in a temporary directory.
+
+use herald_tests::binaries::{Service, ServiceEnv};
+use herald_tests::stack::user_entry;
+use herald_tests::{poll, Broker, Prosody, XmppAccount};
+use lapin::options::QueuePurgeOptions;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The relay's default `HERALD_RETRY_DELAYS` (1s,5s,30s,2m,10m): the delay
+/// queues it declares, deleted after the run.
+pub const RELAY_RETRY_DELAYS: [Duration; 5] =
+    [Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30), Duration::from_secs(120), Duration::from_secs(600)];
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Herald {
+    pub env: ServiceEnv,
+    pub http_user: String,
+    pub http_password: String,
+    dir: tempfile::TempDir,
+    pub ingress: Option<Service>,
+    pub relay: Option<Service>,
+}
+
+impl Herald {
+    /// Writes the users file (the sender's JID may post) and the accounts
+    /// file (the relay sends as the sender).
+    pub fn configure(broker: &Broker, prosody: &Prosody, sender: &XmppAccount) -> Self {
+        let dir = tempfile::Builder::new().prefix("herald-bench-").tempdir().expect("tempdir");
+        let http_password = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        let users = dir.path().join("users.toml");
+        let accounts = dir.path().join("accounts.toml");
+        std::fs::write(&users, user_entry(&sender.jid, &http_password, None)).expect("users file");
+        std::fs::write(&accounts, prosody.accounts_entry(sender)).expect("accounts file");
+        let env = ServiceEnv::new(broker.url.clone(), broker.prefix.clone(), users, accounts);
+        Self { env, http_user: sender.jid.clone(), http_password, dir, ingress: None, relay: None }
+    }
+
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    pub fn ingress_url(&self, to: &str) -> String {
+        format!("http://127.0.0.1:{}/msg/{to}", self.env.ingress_port)
+    }
+
+    pub async fn start_ingress(&mut self, http: &reqwest::Client, extra: &[(String, String)]) {
+        let env = with_extra(self.env.ingress(), extra);
+        let service = Service::spawn_logged("herald-ingress", &env, Some(&self.log("herald-ingress")));
+        self.ingress = Some(service);
+        ready(http, self.env.ingress_admin_port, "herald-ingress").await;
+    }
+
+    pub async fn start_relay(&mut self, http: &reqwest::Client, extra: &[(String, String)]) {
+        let env = with_extra(self.env.relay(), extra);
+        let service = Service::spawn_logged("herald-relay", &env, Some(&self.log("herald-relay")));
+        self.relay = Some(service);
+        ready(http, self.env.relay_admin_port, "herald-relay").await;
+    }
+
+    pub fn ingress_pid(&self) -> Option<u32> {
+        self.ingress.as_ref().map(Service::pid)
+    }
+
+    pub fn relay_pid(&self) -> Option<u32> {
+        self.relay.as_ref().map(Service::pid)
+    }
+
+    /// Empties the work queue (what the ingress phase left there).
+    pub async fn purge_work_queue(&self, broker: &Broker) -> u32 {
+        let connection = herald_shared::amqp::connect(&broker.url, "herald-bench purge").await.expect("connect to the broker");
+        let channel = connection.create_channel().await.expect("open a channel");
+        let queue = broker.topology().work_queue();
+        let purged = channel.queue_purge(queue.into(), QueuePurgeOptions::default()).await.expect("purge the work queue");
+        drop(connection.close(200, "done".into()).await);
+        purged
+    }
+
+    /// Stops both services (SIGTERM) and deletes the run's queues.
+    pub async fn stop(mut self, broker: &Broker) {
+        for service in [self.relay.take(), self.ingress.take()].into_iter().flatten() {
+            service.terminate(STOP_TIMEOUT).await;
+        }
+        broker.cleanup(&RELAY_RETRY_DELAYS).await;
+    }
+}
+
+/// The harness's environment for a service, plus the run's extra settings.
+fn with_extra(mut env: Vec<(&'static str, String)>, extra: &[(String, String)]) -> Vec<(&'static str, String)> {
+    for (key, value) in extra {
+        // Once per run: leaking the few keys is simpler than owning them.
+        let key: &'static str = Box::leak(key.clone().into_boxed_str());
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value.clone()));
+    }
+    env
+}
+
+/// Waits for a service's `/readyz` to answer 200.
+async fn ready(http: &reqwest::Client, admin_port: u16, name: &str) {
+    let url = format!("http://127.0.0.1:{admin_port}/readyz");
+    poll::until(&format!("{name} to be ready"), READY_TIMEOUT, || {
+        let request = http.get(&url).send();
+        async move { request.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+    })
+    .await;
+}

@@ -1,0 +1,165 @@
+//! Load on the ingress's HTTP API: closed-loop (a fixed number of keep-alive
+//! connections posting back to back) and open-loop (sends scheduled at fixed
+//! instants, whatever the answers do).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where and as whom to post.
+#[derive(Debug)]
+pub struct Target {
+    pub http: reqwest::Client,
+    /// `http://127.0.0.1:<port>/msg/<recipient>`
+    pub url: String,
+    pub user: String,
+    pub password: String,
+    pub body_bytes: usize,
+}
+
+/// One accepted message.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The job id from the 202 body, also the stanza id.
+    pub id: String,
+    /// When it was due (open loop) or sent (closed loop).
+    pub scheduled: Instant,
+    pub sent: Instant,
+    pub answered: Instant,
+}
+
+/// Everything a load run got.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub accepted: Vec<Accepted>,
+    /// Answers other than 202, and failed requests.
+    pub refused: usize,
+    pub first_sent: Option<Instant>,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn rate(&self) -> f64 {
+        crate::stats::rate(self.accepted.len(), self.elapsed)
+    }
+
+    pub fn ids(&self) -> std::collections::HashSet<String> {
+        self.accepted.iter().map(|a| a.id.clone()).collect()
+    }
+
+    /// POST → 202 latencies.
+    pub fn answer_latencies(&self) -> Vec<Duration> {
+        self.accepted.iter().map(|a| a.answered.duration_since(a.sent)).collect()
+    }
+}
+
+/// How long a closed-loop run goes on.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    For(Duration),
+    Messages(usize),
+}
+
+pub fn client(concurrency: usize) -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency.max(1) * 4)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("HTTP client")
+}
+
+impl Target {
+    /// Posts one `text/plain` message; the job id if it got a 202.
+    pub async fn post(&self, tag: &str) -> Option<String> {
+        let response = self
+            .http
+            .post(&self.url)
+            .basic_auth(&self.user, Some(&self.password))
+            .header("content-type", "text/plain")
+            .body(crate::jobs::body(tag, self.body_bytes))
+            .send()
+            .await
+            .ok()?;
+        if response.status() != reqwest::StatusCode::ACCEPTED {
+            return None;
+        }
+        let json: serde_json::Value = response.json().await.ok()?;
+        json["jobs"][0]["id"].as_str().map(str::to_owned)
+    }
+
+    /// One timed post.
+    async fn timed(&self, tag: &str, scheduled: Instant) -> Option<Accepted> {
+        let sent = Instant::now();
+        let id = self.post(tag).await?;
+        Some(Accepted { id, scheduled, sent, answered: Instant::now() })
+    }
+}
+
+/// `connections` tasks post back to back until `limit`.
+pub async fn closed_loop(target: Arc<Target>, connections: usize, limit: Limit) -> Outcome {
+    let next = Arc::new(AtomicUsize::new(0));
+    let results = Arc::new(Mutex::new(Outcome::default()));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let (target, next, results) = (Arc::clone(&target), Arc::clone(&next), Arc::clone(&results));
+            tokio::spawn(async move {
+                while let Some(i) = take(&next, limit, started) {
+                    let outcome = target.timed(&format!("closed {i}"), Instant::now()).await;
+                    record(&results, outcome);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await.expect("load worker");
+    }
+    let mut outcome = std::mem::take(&mut *results.lock().expect("results lock"));
+    outcome.first_sent = Some(started);
+    outcome.elapsed = started.elapsed();
+    outcome
+}
+
+/// The next message number, if the run is not over.
+fn take(next: &AtomicUsize, limit: Limit, started: Instant) -> Option<usize> {
+    let i = next.fetch_add(1, Ordering::Relaxed);
+    match limit {
+        Limit::For(duration) => (started.elapsed() < duration).then_some(i),
+        Limit::Messages(n) => (i < n).then_some(i),
+    }
+}
+
+fn record(results: &Mutex<Outcome>, outcome: Option<Accepted>) {
+    let mut results = results.lock().expect("results lock");
+    match outcome {
+        Some(accepted) => results.accepted.push(accepted),
+        None => results.refused += 1,
+    }
+}
+
+/// Sends `rate` messages a second for `duration`, each at its own instant,
+/// never waiting for earlier answers.
+pub async fn open_loop(target: Arc<Target>, rate: u32, duration: Duration) -> Outcome {
+    let count = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
+    let period = Duration::from_secs(1) / rate.max(1);
+    let results = Arc::new(Mutex::new(Outcome::default()));
+    let first = Instant::now() + Duration::from_millis(50);
+    let mut requests = Vec::with_capacity(count);
+    for i in 0..count {
+        let scheduled = first + period * i as u32;
+        tokio::time::sleep_until(scheduled.into()).await;
+        let (target, results) = (Arc::clone(&target), Arc::clone(&results));
+        requests.push(tokio::spawn(async move {
+            let outcome = target.timed(&format!("paced {i}"), scheduled).await;
+            record(&results, outcome);
+        }));
+    }
+    for request in requests {
+        request.await.expect("paced request");
+    }
+    let mut outcome = std::mem::take(&mut *results.lock().expect("results lock"));
+    outcome.first_sent = Some(first);
+    outcome.elapsed = first.elapsed();
+    outcome
+}

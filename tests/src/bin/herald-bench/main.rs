@@ -1,0 +1,233 @@
+//! herald-bench: how close Herald gets to the ceilings of its parts on this
+//! machine. A benchmark, not a test: it asserts nothing about time, it
+//! measures and prints one markdown table.
+//!
+//!     cargo run --release -p herald-tests --bin herald-bench
+//!
+//! 1. Ceilings: confirmed persistent publishes straight to RabbitMQ (lapin,
+//!    Herald's topology on a throwaway prefix), and a direct XMPP client with
+//!    stream management sending to a receiver through the same Prosody, flat
+//!    out and at the fixed rate of 3b (the XMPP path's latency floor, with
+//!    and without TCP_NODELAY on the client socket).
+//! 2. The real `herald-ingress` binary alone, driven by many keep-alive
+//!    connections: 202 Accepted per second, in rounds alternating with 1's
+//!    broker ceiling.
+//! 3. The whole path (ingress + relay + receiver): messages per second at the
+//!    receiver, in rounds alternating with 1's XMPP ceiling; then the latency
+//!    from POST to receipt at a fixed offered rate.
+//! 4. Each service's peak resident memory (VmHWM).
+//!
+//! Options are flags or `HERALD_BENCH_*` variables (`--help`); the broker is
+//! `HERALD_TEST_AMQP_URL` or the local one, as for the tests.
+
+mod arrivals;
+mod broker_ceiling;
+mod herald;
+mod http_load;
+mod jobs;
+mod machine;
+mod options;
+mod report;
+mod stats;
+mod xmpp_ceiling;
+
+use arrivals::Arrivals;
+use clap::Parser;
+use herald::Herald;
+use herald_tests::{Broker, Prosody, XmppAccount};
+use http_load::{Limit, Outcome, Target};
+use machine::{CpuMeter, Watched};
+use options::Options;
+use xmpp_ceiling::Socket;
+use report::{CpuUse, EndToEnd, Paced, Results};
+use stats::Percentiles;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The accounts on the bench's Prosody.
+struct Accounts {
+    /// Sends directly, for the XMPP ceiling.
+    direct: XmppAccount,
+    /// The relay's sender account, also the HTTP user.
+    sender: XmppAccount,
+    receiver: XmppAccount,
+}
+
+#[tokio::main]
+async fn main() {
+    let options = Options::parse();
+    let started = Instant::now();
+    let machine = machine::Machine::probe();
+    herald_shared::telemetry::install_crypto_provider();
+    progress("building the service binaries");
+    herald_tests::binaries::bin_dir();
+    let build = started.elapsed();
+
+    let mut broker = Broker::connect().await;
+    broker.prefix = format!("herald-bench-{}", uuid::Uuid::new_v4().simple());
+    let prosody = Arc::new(Prosody::start().await);
+    let accounts = Accounts { direct: prosody.register("direct"), sender: prosody.register("sender"), receiver: prosody.register("receiver") };
+    let mut arrivals = Arrivals::start(Arc::clone(&prosody), accounts.receiver.clone()).await;
+    let mut cpu: Vec<CpuUse> = Vec::new();
+
+    let payload = jobs::job(&accounts.sender.jid, &accounts.receiver.jid, jobs::body("ceiling", options.body_bytes)).encode();
+    let route = xmpp_ceiling::Route {
+        prosody: &prosody,
+        sender: &accounts.direct,
+        to: &accounts.receiver.jid,
+        body_bytes: options.body_bytes,
+        idle: options.idle_timeout,
+    };
+    let mut herald = Herald::configure(&broker, &prosody, &accounts.sender);
+    let target = Arc::new(Target {
+        http: http_load::client(options.concurrency),
+        url: herald.ingress_url(&accounts.receiver.jid),
+        user: herald.http_user.clone(),
+        password: herald.http_password.clone(),
+        body_bytes: options.body_bytes,
+    });
+    progress("starting herald-ingress");
+    herald.start_ingress(&target.http, &options.ingress_env).await;
+    warm_up_ingress(&target, options.concurrency).await;
+
+    // 1a and 2, alternating: the broker's ceiling, then the ingress alone
+    // (the relay is not running yet, so jobs pile up in the work queue).
+    let (mut broker_matched, mut ingress) = (Vec::new(), Vec::new());
+    for round in 1..=options.rounds {
+        let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+        progress(&format!("1a. broker ceiling, round {round}: 1 channel × {} in flight", options.concurrency));
+        broker_matched.push(broker_ceiling::measure(&broker.url, &payload, 1, options.concurrency, options.publish_time).await);
+        cpu.push(("1a. broker ceiling", meter.stop()));
+        let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+        progress(&format!("2. ingress alone, round {round}: {} connections for {:?}", options.concurrency, options.ingress_time));
+        ingress.push(http_load::closed_loop(Arc::clone(&target), options.concurrency, Limit::For(options.ingress_time)).await);
+        cpu.push(("2. ingress alone", meter.stop()));
+        let purged = herald.purge_work_queue(&broker).await;
+        progress(&format!("2. purged {purged} jobs from the work queue"));
+    }
+    let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+    progress(&format!("1a. broker headroom: {} channels × {} in flight", options.wide_channels, options.wide_in_flight));
+    let broker_wide =
+        broker_ceiling::measure(&broker.url, &payload, options.wide_channels, options.wide_in_flight, options.publish_time).await;
+    cpu.push(("1a. broker headroom", meter.stop()));
+
+    progress("starting herald-relay");
+    herald.start_relay(&target.http, &options.relay_env).await;
+    warm_up_path(&target, &mut arrivals).await;
+
+    // 1b and 3a, alternating: a direct XMPP client flat out, then the whole
+    // path flat out (the relay's session is idle while the direct client runs).
+    let (mut xmpp, mut e2e) = (Vec::new(), Vec::new());
+    for round in 1..=options.rounds {
+        let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+        progress(&format!("1b. XMPP ceiling, round {round}: {} messages from a direct client", options.xmpp_messages));
+        xmpp.push(xmpp_ceiling::flat_out(&route, &mut arrivals, options.xmpp_messages).await);
+        cpu.push(("1b. XMPP ceiling", meter.stop()));
+        let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+        progress(&format!("3a. whole path, round {round}: {} messages as fast as possible", options.e2e_messages));
+        e2e.push(end_to_end(&target, &mut arrivals, &options).await);
+        cpu.push(("3a. whole path, flat out", meter.stop()));
+    }
+
+    let mut xmpp_floor = Vec::new();
+    for socket in [Socket::AsRelay, Socket::NoDelay] {
+        let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+        progress(&format!("1b. XMPP latency floor: {} msg/s for {:?}, {}", options.rate, options.latency_time, socket.describe()));
+        xmpp_floor.push(xmpp_ceiling::paced(&route, &mut arrivals, options.rate, options.latency_time, socket).await);
+        cpu.push((if socket == Socket::AsRelay { "1b. XMPP floor, paced" } else { "1b. XMPP floor, paced, NODELAY" }, meter.stop()));
+    }
+    let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+    progress(&format!("3b. whole path: {} msg/s for {:?}", options.rate, options.latency_time));
+    let paced = paced(&target, &mut arrivals, &options).await;
+    cpu.push(("3b. whole path, paced", meter.stop()));
+
+    let rss_ingress_kib = herald.ingress_pid().and_then(machine::peak_rss_kib);
+    let rss_relay_kib = herald.relay_pid().and_then(machine::peak_rss_kib);
+    progress(&format!("stopping; service logs were in {}", herald.log("").parent().map(|p| p.display().to_string()).unwrap_or_default()));
+    herald.stop(&broker).await;
+    drop(arrivals);
+    drop(prosody);
+
+    report::print(&Results {
+        machine,
+        options,
+        broker_matched,
+        broker_wide,
+        xmpp,
+        xmpp_floor,
+        ingress,
+        e2e,
+        paced,
+        rss_ingress_kib,
+        rss_relay_kib,
+        cpu,
+        wall: started.elapsed(),
+        build,
+    });
+}
+
+fn progress(what: &str) {
+    eprintln!("herald-bench: {what}");
+}
+
+/// The processes whose CPU use is reported.
+fn watched(prosody: &Prosody, herald: Option<&Herald>) -> Vec<Watched> {
+    let prosody_dir = prosody.log_path().parent().map(|d| d.display().to_string()).unwrap_or_default();
+    let service = |pid: Option<u32>| pid.into_iter().collect::<Vec<_>>();
+    vec![
+        Watched { name: "bench (load + receiver)", pids: vec![std::process::id()] },
+        Watched { name: "herald-ingress", pids: service(herald.and_then(Herald::ingress_pid)) },
+        Watched { name: "herald-relay", pids: service(herald.and_then(Herald::relay_pid)) },
+        Watched { name: "prosody", pids: machine::pids_matching(&prosody_dir) },
+        Watched { name: "rabbitmq", pids: machine::pids_matching("beam.smp") },
+    ]
+}
+
+/// One request (the password check is cached after it), then one untimed
+/// round on every connection, so that the timed run starts warm.
+async fn warm_up_ingress(target: &Arc<Target>, concurrency: usize) {
+    target.post("warm-up").await.expect("the ingress accepts a message");
+    http_load::closed_loop(Arc::clone(target), concurrency, Limit::Messages(concurrency * 4)).await;
+}
+
+/// One message through the whole path before anything is timed.
+async fn warm_up_path(target: &Target, arrivals: &mut Arrivals) {
+    let id = target.post("warm-up").await.expect("the ingress accepts a message");
+    let matched = arrivals.wait_for(&[id].into_iter().collect(), Duration::from_secs(30)).await;
+    assert_eq!(matched.arrived.len(), 1, "a warm-up message crosses the whole path");
+}
+
+async fn end_to_end(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Options) -> EndToEnd {
+    arrivals.clear();
+    let load = http_load::closed_loop(Arc::clone(target), options.concurrency, Limit::Messages(options.e2e_messages)).await;
+    let matched = arrivals.wait_for(&load.ids(), options.idle_timeout).await;
+    let first = load.first_sent.expect("the load ran");
+    let elapsed = matched.last().map_or(Duration::ZERO, |last| last.duration_since(first));
+    EndToEnd { delivered: matched.arrived.len(), duplicates: matched.duplicates, elapsed, load }
+}
+
+async fn paced(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Options) -> Paced {
+    arrivals.clear();
+    let load = http_load::open_loop(Arc::clone(target), options.rate, options.latency_time).await;
+    let matched = arrivals.wait_for(&load.ids(), options.idle_timeout).await;
+    let latencies =
+        load.accepted.iter().filter_map(|a| matched.arrived.get(&a.id).map(|at| at.duration_since(a.scheduled))).collect();
+    Paced {
+        delivered: matched.arrived.len(),
+        duplicates: matched.duplicates,
+        latency: Percentiles::of(latencies),
+        send_lag: Percentiles::of(load.accepted.iter().map(|a| a.sent.duration_since(a.scheduled)).collect()),
+        answer: Percentiles::of(load.answer_latencies()),
+        achieved_rate: send_rate(&load),
+        load,
+    }
+}
+
+/// Sends per second between the first and the last actual send.
+fn send_rate(load: &Outcome) -> f64 {
+    let sends = load.accepted.iter().map(|a| a.sent);
+    match (sends.clone().min(), sends.max()) {
+        (Some(first), Some(last)) if last > first => stats::rate(load.accepted.len() - 1, last - first),
+        _ => 0.0,
+    }
+}

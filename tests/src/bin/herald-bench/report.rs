@@ -1,0 +1,315 @@
+//! The one table a run prints, with each Herald figure against its ceiling
+//! and its target.
+
+use crate::broker_ceiling::Publishing;
+use crate::http_load::Outcome;
+use crate::machine::Machine;
+use crate::options::Options;
+use crate::stats::{ms, Percentiles};
+use crate::xmpp_ceiling::{Direct, DirectPaced};
+use std::time::Duration;
+
+/// Targets from the issue.
+const MIN_INGRESS_RATIO: f64 = 0.60;
+const MIN_E2E_RATIO: f64 = 0.60;
+const MAX_P99: Duration = Duration::from_millis(25);
+const MAX_RSS_KIB: u64 = 64 * 1024;
+
+/// Everything sent as fast as possible through the whole path.
+#[derive(Debug)]
+pub struct EndToEnd {
+    pub load: Outcome,
+    pub delivered: usize,
+    pub duplicates: usize,
+    /// From the first POST to the last message at the receiver.
+    pub elapsed: Duration,
+}
+
+impl EndToEnd {
+    pub fn rate(&self) -> f64 {
+        crate::stats::rate(self.delivered, self.elapsed)
+    }
+}
+
+/// The fixed-rate run.
+#[derive(Debug)]
+pub struct Paced {
+    pub load: Outcome,
+    pub delivered: usize,
+    pub duplicates: usize,
+    /// Scheduled send instant → arrival at the receiver.
+    pub latency: Option<Percentiles>,
+    /// Scheduled → actual send (how far the load generator fell behind).
+    pub send_lag: Option<Percentiles>,
+    /// Actual send → 202.
+    pub answer: Option<Percentiles>,
+    /// Sends per second actually made.
+    pub achieved_rate: f64,
+}
+
+/// CPU use in one phase: (process group, percent of one core).
+pub type CpuUse = (&'static str, Vec<(&'static str, Option<f64>)>);
+
+#[derive(Debug)]
+pub struct Results {
+    pub machine: Machine,
+    pub options: Options,
+    /// One per round, as the ingress's.
+    pub broker_matched: Vec<Publishing>,
+    pub broker_wide: Publishing,
+    /// One per round, as the whole path's.
+    pub xmpp: Vec<Direct>,
+    pub xmpp_floor: Vec<DirectPaced>,
+    pub ingress: Vec<Outcome>,
+    pub e2e: Vec<EndToEnd>,
+    pub paced: Paced,
+    pub rss_ingress_kib: Option<u64>,
+    pub rss_relay_kib: Option<u64>,
+    pub cpu: Vec<CpuUse>,
+    pub wall: Duration,
+    /// Of `wall`, building the service binaries.
+    pub build: Duration,
+}
+
+struct Row {
+    what: String,
+    result: String,
+    ceiling: String,
+    ratio: String,
+    target: String,
+    verdict: String,
+}
+
+impl Row {
+    fn info(what: String, result: String) -> Self {
+        Self { what, result, ceiling: String::new(), ratio: String::new(), target: String::new(), verdict: String::new() }
+    }
+}
+
+pub fn print(r: &Results) {
+    let m = &r.machine;
+    println!("\n## herald-bench\n");
+    println!(
+        "Machine: {} CPUs ({}), {:.1} GiB RAM; load average at start {}; wall time {:.0} s \
+         ({:.0} s of it building the service binaries). \
+         Everything (RabbitMQ, Prosody, both services, the load generator, the receiver) shares these CPUs, \
+         and the machine is shared with other work: figures are noisy.\n",
+        m.cpus,
+        m.cpu_model,
+        m.ram_mib as f64 / 1024.0,
+        m.load_at_start,
+        r.wall.as_secs_f64(),
+        r.build.as_secs_f64()
+    );
+    for (service, extra) in [("herald-ingress", &r.options.ingress_env), ("herald-relay", &r.options.relay_env)] {
+        if !extra.is_empty() {
+            let settings: Vec<String> = extra.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
+            println!("Settings other than the defaults for {service}: {}.\n", settings.join(", "));
+        }
+    }
+    println!("| # | measurement | result | ceiling | ratio | target | verdict |");
+    println!("|---|---|---|---|---|---|---|");
+    for (i, row) in rows(r).iter().enumerate() {
+        println!("| {} | {} | {} | {} | {} | {} | {} |", i + 1, row.what, row.result, row.ceiling, row.ratio, row.target, row.verdict);
+    }
+    print_cpu(&r.cpu);
+}
+
+fn rows(r: &Results) -> Vec<Row> {
+    let mut rows = ceiling_rows(r);
+    rows.extend(ingress_rows(r));
+    rows.extend(e2e_rows(r));
+    rows.push(rss_row("peak RSS (VmHWM) herald-ingress, whole run", r.rss_ingress_kib));
+    rows.push(rss_row("peak RSS (VmHWM) herald-relay, whole run", r.rss_relay_kib));
+    rows
+}
+
+fn ceiling_rows(r: &Results) -> Vec<Row> {
+    let publishing = |p: &Publishing, why: &str| {
+        format!(
+            "broker ceiling: confirmed persistent mandatory publishes of a {}-byte job to a quorum queue, {} channel(s) × {} in flight ({why})",
+            r.options.body_bytes, p.channels, p.in_flight_per_channel
+        )
+    };
+    let floor = r.xmpp_floor.iter().map(|f| {
+        Row::info(
+            format!(
+                "XMPP latency floor: direct client at {} msg/s for {:.0} s, open loop, scheduled send → receipt, {}",
+                r.options.rate,
+                r.options.latency_time.as_secs_f64(),
+                f.socket.describe()
+            ),
+            format!("{} ({}/{} received)", summary(f.latency), f.received, f.sent),
+        )
+    });
+    let matched = &r.broker_matched;
+    let wide = &r.broker_wide;
+    let mut rows = vec![
+        Row::info(
+            publishing(&matched[0], "as many as the HTTP load has in flight: the ingress's ceiling"),
+            format!(
+                "**{:.0} msg/s** (median of {}; {} confirmed, {} failed)",
+                median(matched.iter().map(Publishing::rate)),
+                rounds(matched.iter().map(Publishing::rate)),
+                matched.iter().map(|p| p.confirmed).sum::<usize>(),
+                matched.iter().map(|p| p.failed).sum::<usize>()
+            ),
+        ),
+        Row::info(
+            publishing(wide, "headroom"),
+            format!("**{:.0} msg/s** ({} confirmed, {} failed, {:.1} s)", wide.rate(), wide.confirmed, wide.failed, wide.elapsed.as_secs_f64()),
+        ),
+        Row::info(
+            "XMPP ceiling: direct StanzaStream client with XEP-0198 → Prosody → receiver, first send to last receipt".into(),
+            format!(
+                "**{:.0} msg/s** (median of {}; {}/{} received, {} duplicates)",
+                median(r.xmpp.iter().map(Direct::rate)),
+                rounds(r.xmpp.iter().map(Direct::rate)),
+                r.xmpp.iter().map(|x| x.received).sum::<usize>(),
+                r.xmpp.iter().map(|x| x.sent).sum::<usize>(),
+                r.xmpp.iter().map(|x| x.duplicates).sum::<usize>()
+            ),
+        ),
+    ];
+    rows.extend(floor);
+    rows
+}
+
+fn ingress_rows(r: &Results) -> Vec<Row> {
+    let i = &r.ingress;
+    let ratios: Vec<f64> = i.iter().zip(&r.broker_matched).map(|(i, b)| i.rate() / b.rate().max(1e-9)).collect();
+    let ratio = median(ratios.iter().copied());
+    let answers = i.iter().flat_map(Outcome::answer_latencies).collect();
+    vec![
+        Row {
+            what: format!("herald-ingress: 202 Accepted per second, {} keep-alive connections, relay stopped", r.options.concurrency),
+            result: format!(
+                "**{:.0} req/s** (median of {}; {} accepted, {} refused)",
+                median(i.iter().map(Outcome::rate)),
+                rounds(i.iter().map(Outcome::rate)),
+                i.iter().map(|o| o.accepted.len()).sum::<usize>(),
+                i.iter().map(|o| o.refused).sum::<usize>()
+            ),
+            ceiling: format!("{:.0} msg/s", median(r.broker_matched.iter().map(Publishing::rate))),
+            ratio: format!("{} (median of {})", percent(ratio), percents(&ratios)),
+            target: format!("≥ {}", percent(MIN_INGRESS_RATIO)),
+            verdict: verdict(ratio >= MIN_INGRESS_RATIO),
+        },
+        Row::info("herald-ingress: POST → 202 latency in those runs".into(), summary(Percentiles::of(answers))),
+    ]
+}
+
+fn e2e_rows(r: &Results) -> Vec<Row> {
+    let (e, p) = (&r.e2e, &r.paced);
+    let ratios: Vec<f64> = e.iter().zip(&r.xmpp).map(|(e, x)| e.rate() / x.rate().max(1e-9)).collect();
+    let ratio = median(ratios.iter().copied());
+    let accepted: usize = e.iter().map(|e| e.load.accepted.len()).sum();
+    let delivered: usize = e.iter().map(|e| e.delivered).sum();
+    let lost = accepted - delivered;
+    let paced_lost = p.load.accepted.len() - p.delivered;
+    let p99_ok = p.latency.is_some_and(|l| l.p99 <= MAX_P99) && paced_lost == 0 && p.load.refused == 0;
+    vec![
+        Row {
+            what: format!(
+                "end to end: messages per second at the receiver, {} POSTs a round as fast as {} connections go, first POST to last receipt",
+                r.options.e2e_messages, r.options.concurrency
+            ),
+            result: format!(
+                "**{:.0} msg/s** (median of {}; {delivered}/{accepted} delivered, {lost} lost, {} duplicates, {} refused; POSTs accepted at {} req/s meanwhile)",
+                median(e.iter().map(EndToEnd::rate)),
+                rounds(e.iter().map(EndToEnd::rate)),
+                e.iter().map(|e| e.duplicates).sum::<usize>(),
+                e.iter().map(|e| e.load.refused).sum::<usize>(),
+                rounds(e.iter().map(|e| e.load.rate())),
+            ),
+            ceiling: format!("{:.0} msg/s", median(r.xmpp.iter().map(Direct::rate))),
+            ratio: format!("{} (median of {})", percent(ratio), percents(&ratios)),
+            target: format!("≥ {}", percent(MIN_E2E_RATIO)),
+            verdict: verdict(ratio >= MIN_E2E_RATIO && lost == 0),
+        },
+        Row {
+            what: format!(
+                "end to end latency at {} msg/s offered for {:.0} s, open loop, from the *scheduled* send instant to receipt",
+                r.options.rate,
+                r.options.latency_time.as_secs_f64()
+            ),
+            result: format!("**{}** ({}/{} delivered, {paced_lost} lost, {} refused, {} duplicates)", summary(p.latency), p.delivered, p.load.accepted.len(), p.load.refused, p.duplicates),
+            ceiling: String::new(),
+            ratio: String::new(),
+            target: format!("p99 ≤ {} ms", ms(MAX_P99)),
+            verdict: verdict(p99_ok),
+        },
+        Row::info("  in that run: POST → 202 latency".into(), summary(p.answer)),
+        Row::info(
+            "  in that run: load generator lag (scheduled → actual send), achieved send rate".into(),
+            format!("{}; {:.0} sends/s", summary(p.send_lag), p.achieved_rate),
+        ),
+    ]
+}
+
+fn rss_row(what: &str, kib: Option<u64>) -> Row {
+    Row {
+        what: what.into(),
+        result: kib.map_or_else(|| "unknown".into(), |k| format!("**{:.1} MiB**", k as f64 / 1024.0)),
+        ceiling: String::new(),
+        ratio: String::new(),
+        target: format!("≤ {} MiB", MAX_RSS_KIB / 1024),
+        verdict: verdict(kib.is_some_and(|k| k <= MAX_RSS_KIB)),
+    }
+}
+
+fn print_cpu(cpu: &[CpuUse]) {
+    let Some((_, first)) = cpu.first() else { return };
+    println!("\nCPU use per phase, % of one core, averaged over the rounds (RabbitMQ: every beam.smp process, including other users' load):\n");
+    let names: Vec<&str> = first.iter().map(|(name, _)| *name).collect();
+    println!("| phase | {} |", names.join(" | "));
+    println!("|---|{}", "---|".repeat(names.len()));
+    let mut phases: Vec<&str> = Vec::new();
+    for (phase, _) in cpu {
+        if !phases.contains(phase) {
+            phases.push(phase);
+        }
+    }
+    for phase in phases {
+        let runs: Vec<&Vec<(&str, Option<f64>)>> = cpu.iter().filter(|(p, _)| *p == phase).map(|(_, usage)| usage).collect();
+        let cells: Vec<String> = (0..names.len())
+            .map(|column| {
+                let values: Vec<f64> = runs.iter().filter_map(|usage| usage.get(column).and_then(|(_, pct)| *pct)).collect();
+                if values.is_empty() { "–".into() } else { format!("{:.0}", values.iter().sum::<f64>() / values.len() as f64) }
+            })
+            .collect();
+        println!("| {phase} | {} |", cells.join(" | "));
+    }
+}
+
+/// The median of some rates (the mean of the middle two for an even count).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 }
+}
+
+/// "12000 / 13000 / 12500" in the order measured.
+fn rounds(values: impl Iterator<Item = f64>) -> String {
+    values.map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(" / ")
+}
+
+fn percents(ratios: &[f64]) -> String {
+    ratios.iter().map(|r| percent(*r)).collect::<Vec<_>>().join(" / ")
+}
+
+fn summary(p: Option<Percentiles>) -> String {
+    p.map_or_else(|| "no samples".into(), |p| p.summary())
+}
+
+fn percent(ratio: f64) -> String {
+    format!("{:.0} %", ratio * 100.0)
+}
+
+fn verdict(pass: bool) -> String {
+    if pass { "PASS".into() } else { "**MISS**".into() }
+}
