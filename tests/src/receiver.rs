@@ -63,6 +63,9 @@ impl Receiver {
                     Event::Stanza(Stanza::Message(m)) if !m.bodies.is_empty() => {
                         let _ = tx.send(reduce(m));
                     }
+                    // tokio-xmpp reconnects on its own; say why, for a test
+                    // that then times out.
+                    Event::Disconnected(e) => eprintln!("receiver {own}: disconnected ({e}); reconnecting"),
                     _ => {}
                 }
             }
