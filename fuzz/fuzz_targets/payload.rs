@@ -4,7 +4,7 @@
 #![no_main]
 
 use herald_ingress::payload::{self, RawMessage};
-use herald_ingress::routes::build_job;
+use herald_ingress::routes::build_jobs;
 use herald_ingress::users::Users;
 use herald_shared::Sender;
 use libfuzzer_sys::fuzz_target;
@@ -39,9 +39,10 @@ fuzz_target!(|input: &[u8]| {
     let Ok(raw) = payload::parse(Some(content_type), body, query) else { return };
     let _ = raw.clone();
     let user = users().get(&Sender::parse("bot@example.com").expect("jid")).expect("user");
-    let fallback = RawMessage { to: Some("ops".into()), ..raw.clone() };
+    let fallback = RawMessage { to: vec!["ops".into()], ..raw.clone() };
     for raw in [raw, fallback] {
-        if let Ok(job) = build_job(user, raw, 64 * 1024) {
+        let Ok(jobs) = build_jobs(user, raw, 64 * 1024) else { continue };
+        for job in jobs {
             let xml = String::from(&minidom::Element::from(herald_relay::stanza::message(&job)));
             let element: minidom::Element = xml.parse().expect("accepted jobs serialise to well-formed XML");
             xmpp_parsers::message::Message::try_from(element).expect("and to a valid message");

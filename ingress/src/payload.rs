@@ -1,6 +1,8 @@
 //! Turning a request body into message fields: `text/plain`,
 //! `application/x-www-form-urlencoded` and `application/json`, with the
 //! fields of mod_post_msg (`to`, `type`, `body`) plus `subject` and `thread`.
+//! `to` may name several recipients: a JSON array, or a repeated form or
+//! query field.
 //!
 //! This module only extracts; `routes` turns the fields into validated domain
 //! types.
@@ -11,7 +13,9 @@ use serde::Deserialize;
 /// The message fields as the client sent them, not yet validated.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 pub struct RawMessage {
-    pub to: Option<String>,
+    /// Recipients in the order given; empty if none was.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub to: Vec<String>,
     #[serde(rename = "type")]
     pub kind: Option<String>,
     pub body: Option<String>,
@@ -23,7 +27,7 @@ impl RawMessage {
     /// Fields given elsewhere (the query string) fill what the body left out.
     fn or(self, other: RawMessage) -> RawMessage {
         RawMessage {
-            to: self.to.or(other.to),
+            to: if self.to.is_empty() { other.to } else { self.to },
             kind: self.kind.or(other.kind),
             body: self.body.or(other.body),
             subject: self.subject.or(other.subject),
@@ -47,14 +51,14 @@ pub fn parse(content_type: Option<&str>, body: &[u8], query: RawMessage) -> Resu
             let text = std::str::from_utf8(body).map_err(|e| Error::Malformed(format!("body is not valid UTF-8: {e}")))?;
             Ok(RawMessage { body: Some(text.to_owned()), ..query })
         }
-        (mime::APPLICATION, mime::WWW_FORM_URLENCODED) => {
-            check_form_utf8(body)?;
-            let fields: RawMessage =
-                serde_urlencoded::from_bytes(body).map_err(|e| Error::Malformed(format!("cannot parse form: {e}")))?;
-            Ok(fields.or(query))
-        }
+        (mime::APPLICATION, mime::WWW_FORM_URLENCODED) => Ok(parse_form(body, "form")?.or(query)),
         (mime::APPLICATION, mime::JSON) => {
             check_charset(&mime)?;
+            // serde would also read a struct from an array of its fields in
+            // order; only an object is a message.
+            if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| *b != b'{') {
+                return Err(Error::Invalid(herald_shared::ValidationError::WrongType("the JSON body must be an object".into())));
+            }
             let fields: RawMessage = serde_json::from_slice(body).map_err(|e| match e.classify() {
                 serde_json::error::Category::Data => Error::Invalid(herald_shared::ValidationError::WrongType(e.to_string())),
                 _ => Error::Malformed(format!("cannot parse JSON: {e}")),
@@ -66,6 +70,45 @@ pub fn parse(content_type: Option<&str>, body: &[u8], query: RawMessage) -> Resu
             mime.essence_str()
         ))),
     }
+}
+
+/// `"a"` or `["a", "b"]` (or `null`: none).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(deserializer)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(to)) => vec![to],
+        Some(OneOrMany::Many(to)) => to,
+    })
+}
+
+/// Form fields (a body or a query string): `to` may repeat, the others may
+/// not; unknown fields are ignored.
+fn parse_form(bytes: &[u8], what: &str) -> Result<RawMessage, Error> {
+    check_form_utf8(bytes)?;
+    let mut raw = RawMessage::default();
+    for (key, value) in form_urlencoded::parse(bytes) {
+        let slot = match &*key {
+            "to" => {
+                raw.to.push(value.into_owned());
+                continue;
+            }
+            "type" => &mut raw.kind,
+            "body" => &mut raw.body,
+            "subject" => &mut raw.subject,
+            "thread" => &mut raw.thread,
+            _ => continue,
+        };
+        if slot.replace(value.into_owned()).is_some() {
+            return Err(Error::Malformed(format!("the {what} has the field {key:?} more than once")));
+        }
+    }
+    Ok(raw)
 }
 
 /// Form decoding replaces invalid UTF-8 with U+FFFD without a word; refuse
@@ -92,10 +135,7 @@ fn check_charset(mime: &mime::Mime) -> Result<(), Error> {
 pub fn parse_query(query: Option<&str>) -> Result<RawMessage, Error> {
     match query {
         None | Some("") => Ok(RawMessage::default()),
-        Some(q) => {
-            check_form_utf8(q.as_bytes())?;
-            serde_urlencoded::from_str(q).map_err(|e| Error::Malformed(format!("cannot parse query string: {e}")))
-        }
+        Some(q) => parse_form(q.as_bytes(), "query string"),
     }
 }
 
@@ -104,7 +144,7 @@ mod tests {
     use super::*;
 
     fn fields(to: &str, body: &str) -> RawMessage {
-        RawMessage { to: Some(to.into()), body: Some(body.into()), ..Default::default() }
+        RawMessage { to: vec![to.into()], body: Some(body.into()), ..Default::default() }
     }
 
     #[test]
@@ -139,6 +179,20 @@ mod tests {
     }
 
     #[test]
+    fn several_recipients() {
+        let q = RawMessage::default();
+        let form = parse(Some("application/x-www-form-urlencoded"), b"to=a&body=x&to=b%40c", q.clone()).expect("form");
+        assert_eq!(form.to, ["a", "b@c"]);
+        let json = parse(Some("application/json"), br#"{"to":["a","b@c"],"body":"x"}"#, q.clone()).expect("json");
+        assert_eq!(json, form);
+        let query = parse_query(Some("to=a&to=b%40c")).expect("query");
+        assert_eq!(parse(Some("text/plain"), b"x", query).expect("text").to, ["a", "b@c"]);
+        assert!(parse(Some("application/json"), br#"{"to":null,"body":"x"}"#, q.clone()).expect("null").to.is_empty());
+        assert!(matches!(parse(Some("application/json"), br#"{"to":["a",1],"body":"x"}"#, q.clone()), Err(Error::Invalid(_))));
+        assert!(matches!(parse(Some("application/x-www-form-urlencoded"), b"to=a&body=x&body=y", q), Err(Error::Malformed(_))));
+    }
+
+    #[test]
     fn refusals() {
         assert!(matches!(parse(None, b"x", RawMessage::default()), Err(Error::UnsupportedMediaType(_))));
         assert!(matches!(parse(Some("text/html"), b"x", RawMessage::default()), Err(Error::UnsupportedMediaType(_))));
@@ -147,5 +201,6 @@ mod tests {
         assert!(matches!(parse(Some("application/json"), b"{", RawMessage::default()), Err(Error::Malformed(_))));
         assert!(matches!(parse(Some("application/json"), br#"{"body": 5}"#, RawMessage::default()), Err(Error::Invalid(_))));
         assert!(matches!(parse(Some("application/json"), b"[1]", RawMessage::default()), Err(Error::Invalid(_))));
+        assert!(matches!(parse(Some("application/json"), br#" ["a@b", null, "body"]"#, RawMessage::default()), Err(Error::Invalid(_))));
     }
 }

@@ -16,10 +16,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use herald_shared::amqp::ConfirmChannel;
 use herald_shared::domain::{ShortText, MAX_SUBJECT_BYTES, MAX_THREAD_BYTES};
-use herald_shared::{Body, Job, MessageKind, Recipient};
+use herald_shared::{Body, Job, MessageKind, Recipient, ValidationError};
 use serde::Serialize;
 use std::sync::Arc;
 use uuid::Uuid;
+
+/// Recipients one request may name: enough for a team and its rooms, few
+/// enough that one request cannot flood the queue.
+pub const MAX_RECIPIENTS: usize = 50;
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -87,27 +91,42 @@ async fn accept(
     })?;
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
     let mut raw = payload::parse(content_type, &body, payload::parse_query(uri.query())?)?;
-    if path_to.is_some() {
-        raw.to = path_to;
+    if let Some(to) = path_to {
+        raw.to = vec![to];
     }
-    let job = build_job(&user, raw, state.max_body_bytes)?;
+    let jobs = build_jobs(&user, raw, state.max_body_bytes)?;
+    // One job per recipient, so that one failing recipient never blocks or
+    // repeats the others; 202 only once the broker confirmed every one.
     let started = std::time::Instant::now();
-    publisher::publish(&state.publisher, &job).await?;
+    futures::future::try_join_all(jobs.iter().map(|job| publisher::publish(&state.publisher, job))).await?;
     state.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
-    state.metrics.jobs_published.inc();
-    let accepted = Accepted { jobs: vec![AcceptedJob { id: job.id(), to: job_recipient(&job) }] };
-    tracing::debug!(id = %job.id(), user = %user.jid, "accepted");
+    state.metrics.jobs_published.inc_by(jobs.len() as u64);
+    let accepted = Accepted { jobs: jobs.iter().map(|job| AcceptedJob { id: job.id(), to: job_recipient(job) }).collect() };
+    tracing::debug!(jobs = jobs.len(), user = %user.jid, "accepted");
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }
 
-/// Validates the raw fields into a job sent as the user's sender.
-pub fn build_job(user: &User, raw: RawMessage, max_body_bytes: usize) -> Result<Job, Error> {
-    let to = Recipient::parse(raw.to.as_deref().unwrap_or(""), user.jid.domain())?;
+/// Validates the raw fields into one job per distinct recipient, sent as
+/// the user's sender. Any invalid field refuses the whole request.
+pub fn build_jobs(user: &User, raw: RawMessage, max_body_bytes: usize) -> Result<Vec<Job>, Error> {
+    if raw.to.len() > MAX_RECIPIENTS {
+        return Err(ValidationError::TooManyRecipients { count: raw.to.len(), max: MAX_RECIPIENTS }.into());
+    }
+    let mut recipients: Vec<Recipient> = Vec::with_capacity(raw.to.len().max(1));
+    for to in raw.to.iter().map(String::as_str).chain(raw.to.is_empty().then_some("")) {
+        let to = Recipient::parse(to, user.jid.domain())?;
+        if !recipients.contains(&to) {
+            recipients.push(to);
+        }
+    }
     let kind = MessageKind::parse(raw.kind.as_deref())?;
     let body = Body::parse(raw.body.unwrap_or_default(), max_body_bytes)?;
     let subject = ShortText::parse_optional("subject", raw.subject, MAX_SUBJECT_BYTES)?;
     let thread = ShortText::parse_optional("thread", raw.thread, MAX_THREAD_BYTES)?;
-    Ok(Job::new_v1(user.sender.clone(), to, kind, body, subject, thread))
+    Ok(recipients
+        .into_iter()
+        .map(|to| Job::new_v1(user.sender.clone(), to, kind, body.clone(), subject.clone(), thread.clone()))
+        .collect())
 }
 
 /// The client's address: the peer, or behind a trusted proxy the last

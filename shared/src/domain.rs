@@ -19,6 +19,8 @@ pub const MAX_THREAD_BYTES: usize = 256;
 pub enum ValidationError {
     #[error("recipient is missing")]
     MissingRecipient,
+    #[error("{count} recipients in one request; the limit is {max}")]
+    TooManyRecipients { count: usize, max: usize },
     #[error("recipient {input:?} is not a valid JID: {reason}")]
     InvalidRecipient { input: String, reason: String },
     #[error("body is empty")]

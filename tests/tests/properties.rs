@@ -3,7 +3,7 @@
 //! itself survives the queue's encoding unchanged.
 
 use herald_ingress::payload::{self, RawMessage};
-use herald_ingress::routes::build_job;
+use herald_ingress::routes::build_jobs;
 use herald_ingress::users::Users;
 use herald_shared::{Job, Sender};
 use proptest::prelude::*;
@@ -68,7 +68,9 @@ fn check(to: String, kind: Option<String>, body: String, subject: Option<String>
     let user = users.get(&Sender::parse("bot@example.com").expect("jid")).expect("user");
     let json = serde_json::json!({ "to": to, "type": kind, "body": body, "subject": subject, "thread": thread });
     let raw = payload::parse(Some("application/json"), json.to_string().as_bytes(), RawMessage::default()).expect("JSON of strings parses");
-    let Ok(job) = build_job(user, raw, 64 * 1024) else { return Ok(false) };
+    let Ok(mut jobs) = build_jobs(user, raw, 64 * 1024) else { return Ok(false) };
+    prop_assert_eq!(jobs.len(), 1, "one recipient, one job");
+    let job = jobs.remove(0);
 
     // Through the queue.
     let decoded = Job::decode(&job.encode()).expect("an accepted job decodes");
