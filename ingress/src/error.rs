@@ -28,6 +28,12 @@ pub enum Error {
     /// Too many failed logins from this address or for this account.
     #[error("too many failed logins; retry in {0} s")]
     TooManyAttempts(u64),
+    /// The user's policy does not allow this recipient.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The user's rate limit is spent; retry after this many seconds.
+    #[error("this user's rate limit is reached; retry in {0} s")]
+    RateLimited(u64),
     /// The broker is unreachable or did not confirm: retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -60,7 +66,8 @@ impl Error {
             }
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound => StatusCode::NOT_FOUND,
-            Error::TooManyAttempts(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::TooManyAttempts(_) | Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) | Error::Config(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -75,6 +82,8 @@ impl Error {
             Error::Invalid(_) => "invalid-message",
             Error::NotFound => "not-found",
             Error::TooManyAttempts(_) => "too-many-failed-logins",
+            Error::RateLimited(_) => "rate-limited",
+            Error::Forbidden(_) => "forbidden-recipient",
             Error::Unavailable(_) => "unavailable",
             Error::Internal(_) | Error::Config(_) | Error::Io(_) => "internal",
         }
@@ -116,7 +125,7 @@ impl IntoResponse for Error {
             Error::Unavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
             }
-            Error::TooManyAttempts(seconds) => {
+            Error::TooManyAttempts(seconds) | Error::RateLimited(seconds) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
             _ => {}

@@ -8,6 +8,7 @@ pub mod error;
 pub mod hash_password;
 pub mod metrics;
 pub mod payload;
+pub mod policy;
 pub mod publisher;
 pub mod routes;
 pub mod throttle;

@@ -95,6 +95,7 @@ async fn accept(
         raw.to = vec![to];
     }
     let jobs = build_jobs(&user, raw, state.max_body_bytes)?;
+    check_policy(&user, &jobs)?;
     // One job per recipient, so that one failing recipient never blocks or
     // repeats the others; 202 only once the broker confirmed every one.
     let started = std::time::Instant::now();
@@ -104,6 +105,21 @@ async fn accept(
     let accepted = Accepted { jobs: jobs.iter().map(|job| AcceptedJob { id: job.id(), to: job_recipient(job) }).collect() };
     tracing::debug!(jobs = jobs.len(), user = %user.jid, "accepted");
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
+}
+
+/// The user's allow-list, then their rate limit (a refused request takes
+/// no tokens).
+fn check_policy(user: &User, jobs: &[Job]) -> Result<(), Error> {
+    let recipients: Vec<&Recipient> = jobs.iter().map(|Job::V1(v1)| &v1.to).collect();
+    if let Some(to) = user.policy.forbidden(recipients) {
+        tracing::info!(user = %user.jid, %to, "refused: recipient not in the user's allow list");
+        return Err(Error::Forbidden(format!("{} may not send to {to}", user.jid)));
+    }
+    user.policy.take(jobs.len()).inspect_err(|e| {
+        if matches!(e, Error::RateLimited(_)) {
+            tracing::info!(user = %user.jid, "refused: rate limit reached");
+        }
+    })
 }
 
 /// Validates the raw fields into one job per distinct recipient, sent as

@@ -5,9 +5,14 @@
 //! jid = "alerts@example.com"
 //! password_hash = "$argon2id$v=19$m=19456,t=2,p=1$..."
 //! from = "noc@example.com"   # optional: send as this JID instead
+//! allow = ["oncall@example.com", "*@conference.example.com"]  # optional
+//! rate = "10/s"                # optional, with optional burst = 100
 //! ```
+//!
+//! `allow`, `rate` and `burst` are the user's [`Policy`].
 
 use crate::error::Error;
+use crate::policy::Policy;
 use argon2::PasswordHash;
 use herald_shared::Sender;
 use serde::Deserialize;
@@ -27,16 +32,21 @@ struct UserEntry {
     jid: String,
     password_hash: String,
     from: Option<String>,
+    allow: Option<Vec<String>>,
+    rate: Option<String>,
+    burst: Option<u32>,
 }
 
 /// One user, checked at load time: a valid bare JID, a parseable argon2 PHC
-/// string, a valid sender.
+/// string, a valid sender, a valid policy.
 #[derive(Debug, Clone)]
 pub struct User {
     pub jid: Sender,
     pub password_hash: String,
     /// Whom messages from this user are sent as.
     pub sender: Sender,
+    /// Shared by every request of this user (the rate limit's bucket).
+    pub policy: std::sync::Arc<Policy>,
 }
 
 #[derive(Debug, Default)]
@@ -62,7 +72,8 @@ impl Users {
                 Some(from) => Sender::parse(&from).map_err(|e| format!("user {jid}: from: {e}"))?,
                 None => jid.clone(),
             };
-            let user = User { jid: jid.clone(), password_hash: entry.password_hash, sender };
+            let policy = Policy::parse(entry.allow, entry.rate.as_deref(), entry.burst).map_err(|e| format!("user {jid}: {e}"))?;
+            let user = User { jid: jid.clone(), password_hash: entry.password_hash, sender, policy: std::sync::Arc::new(policy) };
             if by_jid.insert(jid.clone(), user).is_some() {
                 return Err(format!("user {jid} is listed twice"));
             }
