@@ -3,6 +3,7 @@
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::error::Error;
+use crate::alerts::Templates;
 use crate::routes::{self, AppState};
 use crate::users::Users;
 use axum::extract::DefaultBodyLimit;
@@ -23,6 +24,8 @@ use tokio::net::TcpListener;
 /// escapes can take up to six bytes per character).
 const ENVELOPE_FACTOR: usize = 6;
 const ENVELOPE_EXTRA_BYTES: usize = 8 * 1024;
+/// Largest Alertmanager or Grafana notification accepted (many alerts).
+const NOTIFICATION_BODY_LIMIT: usize = 1024 * 1024;
 
 /// How often a disconnected ingress tries the broker again by itself, so
 /// that it becomes ready without waiting for a request.
@@ -62,16 +65,25 @@ impl Application {
         let admin = Admin::bind(config.admin_listen, registry, ready)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.admin_listen)))?;
+        let templates = Arc::new(Templates::load(config.alertmanager_template.as_deref(), config.grafana_template.as_deref())?);
         let state = AppState { auth, publisher: Arc::clone(&publisher), max_body_bytes: config.max_body_bytes,
             metrics: Arc::clone(&metrics),
             trust_forwarded_for: config.trust_forwarded_for,
+            templates,
         };
         let body_limit = config.max_body_bytes.saturating_mul(ENVELOPE_FACTOR).saturating_add(ENVELOPE_EXTRA_BYTES);
         let router = Router::new()
-            .route("/msg", post(routes::post_msg))
-            .route("/msg/{to}", post(routes::post_msg_to))
-            .fallback(routes::not_found)
+            .route("/msg", post(routes::msg))
+            .route("/msg/{to}", post(routes::msg))
             .layer(DefaultBodyLimit::max(body_limit))
+            // A notification carries many alerts; what it renders to is cut
+            // to the message limit, not refused.
+            .route("/alertmanager", post(routes::alertmanager))
+            .route("/alertmanager/{to}", post(routes::alertmanager))
+            .route("/grafana", post(routes::grafana))
+            .route("/grafana/{to}", post(routes::grafana))
+            .layer(DefaultBodyLimit::max(NOTIFICATION_BODY_LIMIT.max(body_limit)))
+            .fallback(routes::not_found)
             .route_layer(middleware::from_fn_with_state(metrics, metrics::count_requests))
             .with_state(state);
         let listener = TcpListener::bind(config.listen)

@@ -78,4 +78,14 @@ pub struct Config {
     /// turns the cache off and runs argon2 on every request).
     #[arg(long, env = "HERALD_AUTH_CACHE_SECONDS", default_value_t = 300)]
     pub auth_cache_seconds: u64,
+
+    /// A Jinja template (minijinja) for Alertmanager notifications, instead
+    /// of Herald's default.
+    #[arg(long, env = "HERALD_ALERTMANAGER_TEMPLATE")]
+    pub alertmanager_template: Option<PathBuf>,
+
+    /// A Jinja template (minijinja) for Grafana notifications, instead of
+    /// Herald's default.
+    #[arg(long, env = "HERALD_GRAFANA_TEMPLATE")]
+    pub grafana_template: Option<PathBuf>,
 }

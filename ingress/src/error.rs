@@ -34,6 +34,11 @@ pub enum Error {
     /// The user's rate limit is spent; retry after this many seconds.
     #[error("this user's rate limit is reached; retry in {0} s")]
     RateLimited(u64),
+    /// The notification template failed on this notification (an operator's
+    /// template that expects what this payload lacks): 500, so that the
+    /// sender retries rather than drops it.
+    #[error("cannot render the message template: {0}")]
+    Render(String),
     /// The broker is unreachable or did not confirm: retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -69,7 +74,7 @@ impl Error {
             Error::TooManyAttempts(_) | Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Internal(_) | Error::Config(_) | Error::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Internal(_) | Error::Config(_) | Error::Io(_) | Error::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -85,6 +90,7 @@ impl Error {
             Error::RateLimited(_) => "rate-limited",
             Error::Forbidden(_) => "forbidden-recipient",
             Error::Unavailable(_) => "unavailable",
+            Error::Render(_) => "template-failed",
             Error::Internal(_) | Error::Config(_) | Error::Io(_) => "internal",
         }
     }
@@ -98,6 +104,10 @@ impl IntoResponse for Error {
                 Error::Unavailable(cause) => {
                     tracing::warn!(%cause, "answering 503");
                     "the message queue cannot take the message right now; retry later".to_owned()
+                }
+                Error::Render(cause) => {
+                    tracing::warn!(%cause, "the notification template failed");
+                    "the message template failed on this notification; see the ingress log".to_owned()
                 }
                 other => {
                     tracing::error!(error = %other, "internal error");

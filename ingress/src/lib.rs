@@ -1,6 +1,7 @@
 //! herald-ingress: accepts `POST /msg` requests, authenticates them, and
 //! answers 202 only once RabbitMQ confirmed the job.
 
+pub mod alerts;
 pub mod app;
 pub mod auth;
 pub mod config;

@@ -1,6 +1,7 @@
 //! HTTP handlers: extract, authenticate, validate into a job, publish, map
 //! errors. Nothing else happens here.
 
+use crate::alerts::{self, Source, Templates};
 use crate::auth::Authenticator;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -32,6 +33,7 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub trust_forwarded_for: bool,
+    pub templates: Arc<Templates>,
 }
 
 /// The 202 answer: one entry per job.
@@ -46,28 +48,48 @@ pub struct AcceptedJob {
     pub to: String,
 }
 
-/// `POST /msg/{to}`
-pub async fn post_msg_to(
+/// `POST /msg/{to}`, and `POST /msg` with `to` in the body or the query
+/// string.
+pub async fn msg(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    to: Result<Path<String>, PathRejection>,
+    to: Result<Option<Path<String>>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
-    let Path(to) = to.map_err(|e| Error::Malformed(e.body_text()))?;
-    accept(&state, peer, Some(to), &uri, &headers, body).await
+    let to = path_recipient(to)?;
+    accept(&state, peer, to, &uri, &headers, body).await
 }
 
-/// `POST /msg` with `to` in the body or the query string.
-pub async fn post_msg(
+/// `POST /alertmanager/{to}`, and `POST /alertmanager?to=…&to=…`.
+pub async fn alertmanager(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    to: Result<Option<Path<String>>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
-    accept(&state, peer, None, &uri, &headers, body).await
+    let to = path_recipient(to)?;
+    notification(&state, peer, Source::Alertmanager, to, &uri, &headers, body).await
+}
+
+/// `POST /grafana/{to}`, and `POST /grafana?to=…&to=…`.
+pub async fn grafana(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    to: Result<Option<Path<String>>, PathRejection>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Error> {
+    let to = path_recipient(to)?;
+    notification(&state, peer, Source::Grafana, to, &uri, &headers, body).await
+}
+
+fn path_recipient(to: Result<Option<Path<String>>, PathRejection>) -> Result<Option<String>, Error> {
+    Ok(to.map_err(|e| Error::Malformed(e.body_text()))?.map(|Path(to)| to))
 }
 
 /// Anything else: a problem document rather than an empty 404.
@@ -85,17 +107,48 @@ async fn accept(
 ) -> Result<Response, Error> {
     let client = client_address(peer, headers, state.trust_forwarded_for);
     let user = state.auth.authenticate(headers, client).await?;
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(format!("request body exceeds the limit: {}", e.body_text())),
-        _ => Error::Malformed(e.body_text()),
-    })?;
+    let body = body.map_err(body_rejection)?;
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
     let mut raw = payload::parse(content_type, &body, payload::parse_query(uri.query())?)?;
     if let Some(to) = path_to {
         raw.to = vec![to];
     }
-    let jobs = build_jobs(&user, raw, state.max_body_bytes)?;
-    check_policy(&user, &jobs)?;
+    enqueue(state, &user, raw).await
+}
+
+/// A notification from Alertmanager or Grafana: one message, rendered by
+/// the source's template, to the recipients in the path or the query
+/// string (which may also set `type`, `subject` and `thread`).
+async fn notification(
+    state: &AppState,
+    peer: SocketAddr,
+    source: Source,
+    path_to: Option<String>,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Error> {
+    let client = client_address(peer, headers, state.trust_forwarded_for);
+    let user = state.auth.authenticate(headers, client).await?;
+    let body = body.map_err(body_rejection)?;
+    let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
+    if !content_type.is_some_and(|ct| ct.parse::<mime::Mime>().is_ok_and(|m| m.essence_str() == mime::APPLICATION_JSON.essence_str())) {
+        return Err(Error::UnsupportedMediaType("a notification is application/json".into()));
+    }
+    let text = state.templates.render(source, &body)?;
+    let mut raw = payload::parse_query(uri.query())?;
+    if let Some(to) = path_to {
+        raw.to = vec![to];
+    }
+    raw.body = Some(alerts::fit(text, state.max_body_bytes));
+    enqueue(state, &user, raw).await
+}
+
+/// Validates, applies the user's policy, publishes one job per recipient
+/// and answers 202 once the broker confirmed every one.
+async fn enqueue(state: &AppState, user: &User, raw: RawMessage) -> Result<Response, Error> {
+    let jobs = build_jobs(user, raw, state.max_body_bytes)?;
+    check_policy(user, &jobs)?;
     // One job per recipient, so that one failing recipient never blocks or
     // repeats the others; 202 only once the broker confirmed every one.
     let started = std::time::Instant::now();
@@ -105,6 +158,13 @@ async fn accept(
     let accepted = Accepted { jobs: jobs.iter().map(|job| AcceptedJob { id: job.id(), to: job_recipient(job) }).collect() };
     tracing::debug!(jobs = jobs.len(), user = %user.jid, "accepted");
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
+}
+
+fn body_rejection(e: BytesRejection) -> Error {
+    match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(format!("request body exceeds the limit: {}", e.body_text())),
+        _ => Error::Malformed(e.body_text()),
+    }
 }
 
 /// The user's allow-list, then their rate limit (a refused request takes

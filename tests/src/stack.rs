@@ -153,6 +153,8 @@ pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> hera
         auth_cache_seconds: 300,
         login_failures: 5,
         trust_forwarded_for: false,
+        alertmanager_template: None,
+        grafana_template: None,
     }
 }
 

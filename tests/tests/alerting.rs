@@ -1,0 +1,83 @@
+//! Alertmanager and Grafana notifications, as recorded from their webhook
+//! payloads (tests/fixtures/), through the real stack: one message each,
+//! rendered by the default templates, to one or several recipients.
+
+use herald_tests::{Receiver, Stack, StackOptions};
+use std::time::Duration;
+
+const ARRIVAL: Duration = Duration::from_secs(20);
+const ALERTMANAGER: &str = include_str!("../fixtures/alertmanager-firing.json");
+const GRAFANA: &str = include_str!("../fixtures/grafana-firing.json");
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_alertmanager_notification_arrives_as_one_readable_message() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (oncall, backup) = (stack.prosody.register("oncall"), stack.prosody.register("backup"));
+    let mut oncall_rx = Receiver::connect(&stack.prosody, &oncall).await;
+    let mut backup_rx = Receiver::connect(&stack.prosody, &backup).await;
+
+    let response = stack.post(&format!("/alertmanager/{}", oncall.jid), Some("application/json"), ALERTMANAGER).await;
+    assert_eq!(response.status(), 202);
+    let m = oncall_rx.next(ARRIVAL).await.expect("the notification arrives");
+    let expected = "🔥 FIRING:2 PostgresReplicationLag (cluster=db-eu)\n\
+        • PostgresReplicationLag [critical]: Replication lag above 60 s\n\
+        \x20 db-7 is 94 s behind its primary.\n\
+        \x20 http://prometheus.example.com:9090/graph?g0.expr=pg_replication_lag_seconds+%3E+60&g0.tab=1\n\
+        • PostgresReplicationLag [warning]: Replication lag above 60 s\n\
+        \x20 db-9 is 61 s behind its primary.\n\
+        \x20 http://prometheus.example.com:9090/graph?g0.expr=pg_replication_lag_seconds+%3E+60&g0.tab=1\n\
+        Silence: http://alertmanager.example.com:9093/#/silences/new?filter=%7Balertname%3D%22PostgresReplicationLag%22%2Ccluster%3D%22db-eu%22%7D";
+    assert_eq!(m.body, expected);
+    assert!(oncall_rx.next(Duration::from_millis(300)).await.is_none(), "one message per notification");
+
+    // Several recipients in the query string; the type too.
+    let path = format!("/alertmanager?to={}&to={}&type=headline", oncall.jid, backup.jid);
+    let response = stack.post(&path, Some("application/json"), ALERTMANAGER.replace("\"firing\"", "\"resolved\"")).await;
+    assert_eq!(response.status(), 202);
+    for rx in [&mut oncall_rx, &mut backup_rx] {
+        let m = rx.next(ARRIVAL).await.expect("each recipient gets the resolved notification");
+        assert!(m.body.starts_with("✅ RESOLVED PostgresReplicationLag (cluster=db-eu)\n✓ "), "{}", m.body);
+        assert!(!m.body.contains("Silence:"), "no silence link once resolved: {}", m.body);
+        assert_eq!(m.kind, tokio_xmpp::parsers::message::MessageType::Headline);
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grafana_notification_arrives_as_one_readable_message() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let oncall = stack.prosody.register("oncall");
+    let mut rx = Receiver::connect(&stack.prosody, &oncall).await;
+    let response = stack.post(&format!("/grafana/{}", oncall.jid), Some("application/json"), GRAFANA).await;
+    assert_eq!(response.status(), 202);
+    let m = rx.next(ARRIVAL).await.expect("the notification arrives");
+    let expected = "🔥 [FIRING:1] Disk almost full Storage (backup-3 warning)\n\
+        • Disk almost full [warning]: Disk usage above 90 %\n\
+        \x20 /var/backups on backup-3 is 93 % full.\n\
+        \x20 values: [ var='A' labels={host=backup-3} value=93.4 ], [ var='C' labels={host=backup-3} value=1 ]\n\
+        \x20 https://grafana.example.com/d/storage01?orgId=1&viewPanel=4\n\
+        \x20 silence: https://grafana.example.com/alerting/silence/new?alertmanager=grafana&matcher=alertname%3DDisk+almost+full&matcher=host%3Dbackup-3";
+    assert_eq!(m.body, expected);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_notification_is_refused_and_queues_nothing() {
+    let stack = Stack::start(StackOptions { relay: false, ..Default::default() }).await;
+    let work = stack.broker.topology().work_queue();
+    let cases = [
+        ("/alertmanager/ops", Some("text/plain"), ALERTMANAGER.to_owned(), 415),
+        ("/alertmanager/ops", Some("application/json"), ALERTMANAGER.replace("\"version\": \"4\"", "\"version\": \"3\""), 400),
+        ("/alertmanager/ops", Some("application/json"), "{\"version\": \"4\"".to_owned(), 400),
+        ("/grafana/ops", Some("application/json"), GRAFANA.replace("\"status\": \"firing\",\n  \"orgId\"", "\"status\": \"on fire\",\n  \"orgId\""), 400),
+        ("/alertmanager", Some("application/json"), ALERTMANAGER.to_owned(), 422),
+    ];
+    for (path, content_type, body, status) in cases {
+        let response = stack.post(path, content_type, body).await;
+        assert_eq!(response.status().as_u16(), status, "{path} {content_type:?}");
+    }
+    let anonymous = stack.http.post(format!("{}/alertmanager/ops", stack.ingress_url)).body(ALERTMANAGER).send().await.expect("HTTP");
+    assert_eq!(anonymous.status(), 401, "authenticated like every other route");
+    assert_eq!(stack.broker.ready(&work).await, 0, "nothing refused was queued");
+    stack.stop().await;
+}
