@@ -34,6 +34,16 @@ impl Source {
     }
 }
 
+/// A notification rendered: the message, and the key that makes a repeat
+/// of the same notification the same job.
+#[derive(Debug)]
+pub struct Rendered {
+    pub text: String,
+    /// Source, group key, status and the alerts' fingerprints, when the
+    /// notification has a group key.
+    pub key: Option<String>,
+}
+
 /// The compiled templates, one per source.
 #[derive(Debug)]
 pub struct Templates {
@@ -52,11 +62,15 @@ struct Shape {
     group_labels: BTreeMap<String, String>,
     #[serde(default, rename = "externalURL")]
     external_url: Option<String>,
+    #[serde(default)]
+    group_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 struct AlertShape {
     status: String,
+    #[serde(default)]
+    fingerprint: String,
     // Checked for their type (string → string) only.
     #[serde(default)]
     #[allow(dead_code)]
@@ -90,7 +104,7 @@ impl Templates {
     }
 
     /// The message text for a notification posted as `body`.
-    pub fn render(&self, source: Source, body: &[u8]) -> Result<String, Error> {
+    pub fn render(&self, source: Source, body: &[u8]) -> Result<Rendered, Error> {
         let payload: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| Error::Malformed(format!("cannot parse the {} notification: {e}", source.name())))?;
         let shape: Shape = serde_json::from_value(payload.clone())
@@ -111,7 +125,7 @@ impl Templates {
         };
         let template = self.env.get_template(source.name()).map_err(|e| Error::Render(e.to_string()))?;
         let text = template.render(ctx).map_err(|e| Error::Render(format!("{e:#}")))?;
-        Ok(text.trim().to_owned())
+        Ok(Rendered { text: text.trim().to_owned(), key: key(source, &shape) })
     }
 }
 
@@ -131,6 +145,16 @@ fn check(source: Source, shape: &Shape) -> Result<(), Error> {
         return bad(format!("alert status {:?}", alert.status));
     }
     Ok(())
+}
+
+/// The same group, status and alerts: the same notification (Alertmanager
+/// sends it again at every `repeat_interval`, and each peer of an HA pair
+/// sends it once).
+fn key(source: Source, shape: &Shape) -> Option<String> {
+    let group = shape.group_key.as_deref().filter(|g| !g.is_empty())?;
+    let mut fingerprints: Vec<&str> = shape.alerts.iter().map(|a| a.fingerprint.as_str()).collect();
+    fingerprints.sort_unstable();
+    Some(format!("{}:{group}:{}:{}", source.name(), shape.status, fingerprints.join(",")))
 }
 
 /// Alertmanager's "new silence" page, filled with the group's labels.
@@ -181,7 +205,9 @@ mod tests {
 
     #[test]
     fn the_default_alertmanager_message_reads_well() {
-        let text = templates().render(Source::Alertmanager, FIRING.as_bytes()).expect("renders");
+        let rendered = templates().render(Source::Alertmanager, FIRING.as_bytes()).expect("renders");
+        assert_eq!(rendered.key.as_deref(), Some("alertmanager:{}:{alertname=\"HighLatency\"}:firing:a1,b2"));
+        let text = rendered.text;
         let expected = "🔥 FIRING:1 HighLatency (job=api)\n\
             • HighLatency [critical]: p99 latency above 500 ms\n  api-1 answers in 730 ms\n  http://prom.example.com/graph?g0.expr=x\n\
             ✓ HighLatency [critical]: p99 latency above 500 ms\n\
@@ -209,7 +235,7 @@ mod tests {
         let path = dir.path().join("am.j2");
         std::fs::write(&path, "{{ status }} {{ alerts | length }} {{ commonLabels.severity }} {{ nothing.at.all }}<b>").expect("write");
         let t = Templates::load(Some(&path), None).expect("compiles");
-        assert_eq!(t.render(Source::Alertmanager, FIRING.as_bytes()).expect("renders"), "firing 2 critical <b>");
+        assert_eq!(t.render(Source::Alertmanager, FIRING.as_bytes()).expect("renders").text, "firing 2 critical <b>");
         std::fs::write(&path, "{% if %}").expect("write");
         assert!(matches!(Templates::load(Some(&path), None), Err(Error::Config(_))));
     }

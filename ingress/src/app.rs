@@ -70,6 +70,7 @@ impl Application {
             metrics: Arc::clone(&metrics),
             trust_forwarded_for: config.trust_forwarded_for,
             templates,
+            idempotency: Arc::new(crate::idempotency::Accepted::new(config.idempotency_window)),
         };
         let body_limit = config.max_body_bytes.saturating_mul(ENVELOPE_FACTOR).saturating_add(ENVELOPE_EXTRA_BYTES);
         let router = Router::new()

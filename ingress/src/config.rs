@@ -79,6 +79,12 @@ pub struct Config {
     #[arg(long, env = "HERALD_AUTH_CACHE_SECONDS", default_value_t = 300)]
     pub auth_cache_seconds: u64,
 
+    /// How long a request's Idempotency-Key (or a notification's group,
+    /// status and alerts) is remembered: a repeat within it gets the first
+    /// answer and no new job.
+    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: std::time::Duration,
+
     /// A Jinja template (minijinja) for Alertmanager notifications, instead
     /// of Herald's default.
     #[arg(long, env = "HERALD_ALERTMANAGER_TEMPLATE")]

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod hash_password;
+pub mod idempotency;
 pub mod metrics;
 pub mod payload;
 pub mod policy;

@@ -3,6 +3,7 @@
 
 use crate::alerts::{self, Source, Templates};
 use crate::auth::Authenticator;
+use crate::idempotency;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::payload::{self, RawMessage};
@@ -34,6 +35,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub trust_forwarded_for: bool,
     pub templates: Arc<Templates>,
+    pub idempotency: Arc<idempotency::Accepted>,
 }
 
 /// The 202 answer: one entry per job.
@@ -42,7 +44,7 @@ pub struct Accepted {
     pub jobs: Vec<AcceptedJob>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct AcceptedJob {
     pub id: Uuid,
     pub to: String,
@@ -108,12 +110,13 @@ async fn accept(
     let client = client_address(peer, headers, state.trust_forwarded_for);
     let user = state.auth.authenticate(headers, client).await?;
     let body = body.map_err(body_rejection)?;
+    let key = idempotency::key_from(headers)?;
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
     let mut raw = payload::parse(content_type, &body, payload::parse_query(uri.query())?)?;
     if let Some(to) = path_to {
         raw.to = vec![to];
     }
-    enqueue(state, &user, raw).await
+    enqueue(state, &user, raw, key).await
 }
 
 /// A notification from Alertmanager or Grafana: one message, rendered by
@@ -135,29 +138,56 @@ async fn notification(
     if !content_type.is_some_and(|ct| ct.parse::<mime::Mime>().is_ok_and(|m| m.essence_str() == mime::APPLICATION_JSON.essence_str())) {
         return Err(Error::UnsupportedMediaType("a notification is application/json".into()));
     }
-    let text = state.templates.render(source, &body)?;
+    let rendered = state.templates.render(source, &body)?;
+    // A repeat of the same notification (an HA pair of Alertmanagers, a
+    // retry after a lost answer) keys itself, unless the client set a key.
+    let key = idempotency::key_from(headers)?.or(rendered.key);
     let mut raw = payload::parse_query(uri.query())?;
     if let Some(to) = path_to {
         raw.to = vec![to];
     }
-    raw.body = Some(alerts::fit(text, state.max_body_bytes));
-    enqueue(state, &user, raw).await
+    raw.body = Some(alerts::fit(rendered.text, state.max_body_bytes));
+    enqueue(state, &user, raw, key).await
 }
 
 /// Validates, applies the user's policy, publishes one job per recipient
-/// and answers 202 once the broker confirmed every one.
-async fn enqueue(state: &AppState, user: &User, raw: RawMessage) -> Result<Response, Error> {
-    let jobs = build_jobs(user, raw, state.max_body_bytes)?;
+/// and answers 202 once the broker confirmed every one. With an
+/// idempotency key, a repeat within the window gets the first answer.
+async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<String>) -> Result<Response, Error> {
+    if let Some(jobs) = key.as_deref().and_then(|key| state.idempotency.get(&user.jid, key)) {
+        tracing::debug!(user = %user.jid, "repeated idempotency key: the first answer, nothing published");
+        return Ok((StatusCode::ACCEPTED, Json(Accepted { jobs })).into_response());
+    }
+    let mut jobs = build_jobs(user, raw, state.max_body_bytes)?;
+    if let Some(key) = &key {
+        jobs = jobs
+            .into_iter()
+            .map(|job| {
+                let id = herald_shared::job::idempotent_id(&user.jid, key, job_to(&job));
+                job.with_id(id)
+            })
+            .collect();
+    }
     check_policy(user, &jobs)?;
     // One job per recipient, so that one failing recipient never blocks or
     // repeats the others; 202 only once the broker confirmed every one.
     let started = std::time::Instant::now();
-    futures::future::try_join_all(jobs.iter().map(|job| publisher::publish(&state.publisher, job))).await?;
+    let idempotent = key.is_some();
+    futures::future::try_join_all(jobs.iter().map(|job| publisher::publish(&state.publisher, job, idempotent))).await?;
     state.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
     state.metrics.jobs_published.inc_by(jobs.len() as u64);
-    let accepted = Accepted { jobs: jobs.iter().map(|job| AcceptedJob { id: job.id(), to: job_recipient(job) }).collect() };
+    let accepted: Vec<AcceptedJob> = jobs.iter().map(|job| AcceptedJob { id: job.id(), to: job_recipient(job) }).collect();
+    if let Some(key) = &key {
+        state.idempotency.put(&user.jid, key, accepted.clone());
+    }
     tracing::debug!(jobs = jobs.len(), user = %user.jid, "accepted");
-    Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
+    Ok((StatusCode::ACCEPTED, Json(Accepted { jobs: accepted })).into_response())
+}
+
+fn job_to(job: &Job) -> &Recipient {
+    match job {
+        Job::V1(v1) => &v1.to,
+    }
 }
 
 fn body_rejection(e: BytesRejection) -> Error {
@@ -170,7 +200,7 @@ fn body_rejection(e: BytesRejection) -> Error {
 /// The user's allow-list, then their rate limit (a refused request takes
 /// no tokens).
 fn check_policy(user: &User, jobs: &[Job]) -> Result<(), Error> {
-    let recipients: Vec<&Recipient> = jobs.iter().map(|Job::V1(v1)| &v1.to).collect();
+    let recipients: Vec<&Recipient> = jobs.iter().map(job_to).collect();
     if let Some(to) = user.policy.forbidden(recipients) {
         tracing::info!(user = %user.jid, %to, "refused: recipient not in the user's allow list");
         return Err(Error::Forbidden(format!("{} may not send to {to}", user.jid)));
@@ -215,7 +245,5 @@ fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bo
 }
 
 fn job_recipient(job: &Job) -> String {
-    match job {
-        Job::V1(v1) => v1.to.to_string(),
-    }
+    job_to(job).to_string()
 }

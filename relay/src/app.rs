@@ -6,6 +6,7 @@ use crate::consumer::{self, Dispatcher};
 use crate::error::Error;
 use crate::metrics::{Metrics, QueueLabels};
 use crate::recent::Recent;
+use crate::seen::Seen;
 use herald_shared::admin::{Admin, Readiness};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -89,6 +90,7 @@ impl Application {
             retry_delays: config.retry_delays.0.clone(),
             online_timeout: config.online_timeout,
             recent: Recent::default(),
+            seen: Seen::new(config.idempotency_window),
             metrics: Arc::clone(&metrics),
         });
         let sampler = tokio::spawn(sample_queues(Arc::clone(&publisher), Arc::clone(&metrics), stop_admin.clone()));

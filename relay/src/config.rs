@@ -114,6 +114,11 @@ pub struct Config {
     /// On shutdown, how long to wait for the acks of jobs already sent.
     #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+
+    /// How long this relay remembers the ids of idempotent jobs it delivered
+    /// (jobs posted with an Idempotency-Key), and sends none of them twice.
+    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub idempotency_window: Duration,
 }
 
 /// The retry schedule.

@@ -10,6 +10,7 @@ use crate::error::DeliveryError;
 use crate::retry::{self, Next};
 use crate::metrics::{ConditionLabels, Metrics, Outcome};
 use crate::recent::{Delivered, Lookup, Recent};
+use crate::seen::Seen;
 use crate::session::{Bounce, SessionHandle};
 use crate::stanza;
 use futures::StreamExt;
@@ -39,15 +40,23 @@ pub struct Dispatcher {
     pub retry_delays: Vec<Duration>,
     pub online_timeout: Duration,
     pub recent: Recent,
+    pub seen: Seen,
     pub metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
     pub async fn handle(&self, delivery: Delivery, acks: &Acks) {
         let attempts = header_u32(&delivery.properties, headers::ATTEMPT);
+        let idempotent = has_header(&delivery.properties, headers::IDEMPOTENT);
         let mut accepted_at_ms = None;
         let (id, outcome) = match Job::decode(&delivery.data) {
             Err(e) => (None, Err(DeliveryError::Permanent(format!("cannot decode the job: {e}")))),
+            Ok(job) if idempotent && !self.seen.claim(job.id()) => {
+                tracing::debug!(id = %job.id(), "already delivered, or being delivered, within the idempotency window; not sent again");
+                self.metrics.count(Outcome::Duplicate);
+                acks.finished(delivery.delivery_tag);
+                return;
+            }
             Ok(job) => {
                 let Job::V1(v1) = &job;
                 accepted_at_ms = Some(v1.accepted_at_ms);
@@ -75,6 +84,9 @@ impl Dispatcher {
         let settled = match outcome {
             Ok(()) => {
                 tracing::debug!(id = ?id, "delivered");
+                if let (true, Some(id)) = (idempotent, id) {
+                    self.seen.delivered(id);
+                }
                 self.metrics.count(Outcome::Delivered);
                 if let Some(accepted) = accepted_at_ms {
                     let millis = herald_shared::job::now_ms().saturating_sub(accepted);
@@ -83,6 +95,9 @@ impl Dispatcher {
                 Ok(())
             }
             Err(error) => {
+                if let (true, Some(id)) = (idempotent, id) {
+                    self.seen.release(id);
+                }
                 let id = id.map(|id| id.to_string());
                 self.settle_failure(id.as_deref(), &delivery.data, &delivery.properties, attempts, &error).await
             }
@@ -209,6 +224,10 @@ fn carried_headers(p: &BasicProperties) -> FieldTable {
         }
     }
     table
+}
+
+fn has_header(p: &BasicProperties, name: &str) -> bool {
+    p.headers().as_ref().is_some_and(|h| h.inner().contains_key(&ShortString::from(name)))
 }
 
 fn header_u32(p: &BasicProperties, name: &str) -> u32 {

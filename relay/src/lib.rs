@@ -13,6 +13,7 @@ pub mod login;
 pub mod metrics;
 pub mod recent;
 pub mod retry;
+pub mod seen;
 pub mod session;
 pub mod stanza;
 

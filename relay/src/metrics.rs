@@ -19,12 +19,15 @@ pub enum Outcome {
     /// Given back to the work queue (the broker could not take a retry or
     /// parked copy).
     Requeued,
+    /// Acked without sending: an idempotent job this relay already delivered.
+    Duplicate,
 }
 
 impl EncodeLabelValue for Outcome {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         let name = match self {
             Outcome::Delivered => "delivered",
+            Outcome::Duplicate => "duplicate",
             Outcome::Retried => "retried",
             Outcome::Parked => "parked",
             Outcome::Requeued => "requeued",

@@ -43,6 +43,15 @@ pub struct JobV1 {
 #[error("job cannot be decoded: {0}")]
 pub struct JobDecodeError(#[from] serde_json::Error);
 
+/// Job ids derived from a client's idempotency key: the same user, key and
+/// recipient always give the same id (UUID v5), so a repeated request
+/// becomes the same job, and the same stanza id, whichever ingress replica
+/// takes it.
+pub fn idempotent_id(user: &Sender, key: &str, to: &Recipient) -> Uuid {
+    const NAMESPACE: Uuid = Uuid::from_u128(0x5d1f_3c2e_8b6a_4f07_9e41_2a7c_d0b3_96e8);
+    Uuid::new_v5(&NAMESPACE, format!("{user}\n{key}\n{to}").as_bytes())
+}
+
 impl Job {
     /// A new job with a fresh time-ordered id, accepted now.
     pub fn new_v1(
@@ -54,6 +63,14 @@ impl Job {
         thread: Option<ShortText>,
     ) -> Self {
         Job::V1(JobV1 { id: Uuid::now_v7(), from, to, kind, body, subject, thread, accepted_at_ms: now_ms() })
+    }
+
+    /// The same job under another id (see [`idempotent_id`]).
+    #[must_use]
+    pub fn with_id(self, id: Uuid) -> Self {
+        match self {
+            Job::V1(job) => Job::V1(JobV1 { id, ..job }),
+        }
     }
 
     pub fn id(&self) -> Uuid {

@@ -29,6 +29,9 @@ pub mod headers {
     pub const REASON: &str = "x-herald-reason";
     /// When a job was parked, in milliseconds since the Unix epoch.
     pub const PARKED_AT: &str = "x-herald-parked-at";
+    /// Present (true) on a job whose id was derived from an idempotency key:
+    /// a relay delivers such an id once within its idempotency window.
+    pub const IDEMPOTENT: &str = "x-herald-idempotent";
 }
 
 /// The names of every exchange and queue, under one prefix so that tests and

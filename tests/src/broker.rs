@@ -73,6 +73,29 @@ impl Broker {
         drop(confirm);
     }
 
+    /// Publishes a job to the work queue as an ingress would, marked
+    /// idempotent if asked (as with an Idempotency-Key).
+    pub async fn publish_job(&self, job: &herald_shared::Job, idempotent: bool) {
+        let mut properties = lapin::BasicProperties::default().with_delivery_mode(2);
+        if idempotent {
+            let mut headers = lapin::types::FieldTable::default();
+            headers.insert(herald_shared::topology::headers::IDEMPOTENT.into(), lapin::types::AMQPValue::Boolean(true));
+            properties = properties.with_headers(headers);
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.topology().exchange().as_str().into(),
+                herald_shared::topology::WORK_ROUTING_KEY.into(),
+                lapin::options::BasicPublishOptions::default(),
+                &job.encode(),
+                properties,
+            )
+            .await
+            .expect("publish");
+        drop(confirm);
+    }
+
     /// Deletes this test's exchange and queues.
     pub async fn cleanup(&self, retry_delays: &[Duration]) {
         let t = self.topology();

@@ -155,6 +155,7 @@ pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> hera
         trust_forwarded_for: false,
         alertmanager_template: None,
         grafana_template: None,
+        idempotency_window: Duration::from_secs(600),
     }
 }
 
@@ -170,5 +171,6 @@ pub fn relay_config(amqp_url: &str, prefix: &str, accounts_file: PathBuf, retry_
         ack_timeout: Duration::from_secs(10),
         online_timeout: Duration::from_secs(10),
         drain_timeout: Duration::from_secs(10),
+        idempotency_window: Duration::from_secs(600),
     }
 }

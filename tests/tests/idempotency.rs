@@ -1,0 +1,95 @@
+//! Idempotency: a repeated request with the same Idempotency-Key, or the
+//! same Alertmanager notification sent twice, becomes the same job id and
+//! one delivery; and a relay does not send an idempotent job twice even
+//! when the broker hands it the job twice (two ingress replicas).
+
+use herald_shared::{Body, Job, MessageKind, Recipient, Sender};
+use herald_tests::stack::user_entry;
+use herald_tests::{Receiver, Stack, StackOptions};
+use std::time::Duration;
+
+const ARRIVAL: Duration = Duration::from_secs(20);
+/// How long to watch for a second copy that must not come.
+const QUIET: Duration = Duration::from_millis(800);
+const ALERTMANAGER: &str = include_str!("../fixtures/alertmanager-firing.json");
+
+async fn ids(response: reqwest::Response) -> Vec<String> {
+    assert_eq!(response.status(), 202);
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    body["jobs"].as_array().expect("jobs").iter().map(|j| j["id"].as_str().expect("id").to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_request_is_one_job_and_one_message() {
+    let extra = user_entry("other@localhost", "other-secret", None);
+    let stack = Stack::start(StackOptions { extra_users: extra, ..Default::default() }).await;
+    let oncall = stack.prosody.register("oncall");
+    let mut rx = Receiver::connect(&stack.prosody, &oncall).await;
+    let url = format!("{}/msg/{}", stack.ingress_url, oncall.jid);
+    let post = |user: &str, password: &str, key: &str, body: &str| {
+        stack.http.post(&url).basic_auth(user, Some(password)).header("content-type", "text/plain").header("idempotency-key", key).body(body.to_owned()).send()
+    };
+
+    let first = ids(post(&stack.sender.jid, &stack.http_password, "deploy-42", "deploy 42 done").await.expect("HTTP")).await;
+    let again = ids(post(&stack.sender.jid, &stack.http_password, "deploy-42", "deploy 42 done").await.expect("HTTP")).await;
+    assert_eq!(first, again, "the same key, the same job");
+    let m = rx.next(ARRIVAL).await.expect("delivered once");
+    assert_eq!((m.body.as_str(), m.id.as_ref()), ("deploy 42 done", Some(&first[0])));
+    assert!(rx.next(QUIET).await.is_none(), "and only once");
+
+    let other = ids(post("other@localhost", "other-secret", "deploy-42", "x").await.expect("HTTP")).await;
+    assert_ne!(other, first, "keys are per user");
+    let bad = post(&stack.sender.jid, &stack.http_password, "two words", "x").await.expect("HTTP");
+    assert_eq!(bad.status(), 400);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_alertmanager_notification_twice_is_delivered_once() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let oncall = stack.prosody.register("oncall");
+    let mut rx = Receiver::connect(&stack.prosody, &oncall).await;
+    let path = format!("/alertmanager/{}", oncall.jid);
+    // Both peers of an HA pair send it.
+    let first = ids(stack.post(&path, Some("application/json"), ALERTMANAGER).await).await;
+    let second = ids(stack.post(&path, Some("application/json"), ALERTMANAGER).await).await;
+    assert_eq!(first, second);
+    let m = rx.next(ARRIVAL).await.expect("the notification");
+    assert!(m.body.starts_with("🔥 FIRING:2"), "{}", m.body);
+    assert!(rx.next(QUIET).await.is_none(), "delivered once");
+    // Resolved is another notification.
+    let resolved = ids(stack.post(&path, Some("application/json"), ALERTMANAGER.replace("\"firing\"", "\"resolved\"")).await).await;
+    assert_ne!(resolved, first);
+    let m = rx.next(ARRIVAL).await.expect("the resolved notification");
+    assert!(m.body.starts_with("✅ RESOLVED"), "{}", m.body);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relay_sends_an_idempotent_job_once_even_when_queued_twice() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let oncall = stack.prosody.register("oncall");
+    let mut rx = Receiver::connect(&stack.prosody, &oncall).await;
+    let from = Sender::parse(&stack.sender.jid).expect("sender");
+    let to = Recipient::parse(&oncall.jid, from.domain()).expect("recipient");
+    let job = |text: &str| {
+        let body = Body::parse(text.to_owned(), 1024).expect("body");
+        Job::new_v1(from.clone(), to.clone(), MessageKind::parse(None).expect("kind"), body, None, None)
+    };
+    // Two ingress replicas took the same request: the same id, twice.
+    let idempotent = job("from two replicas").with_id(herald_shared::job::idempotent_id(&from, "k", &to));
+    stack.broker.publish_job(&idempotent, true).await;
+    stack.broker.publish_job(&idempotent, true).await;
+    // Without the mark, the same id is delivered again (at least once).
+    let plain = job("plain");
+    stack.broker.publish_job(&plain, false).await;
+    stack.broker.publish_job(&plain, false).await;
+
+    let mut got = Vec::new();
+    while let Some(m) = rx.next(QUIET.max(Duration::from_secs(2))).await {
+        got.push(m.body);
+    }
+    got.sort();
+    assert_eq!(got, ["from two replicas", "plain", "plain"]);
+    stack.stop().await;
+}
