@@ -7,6 +7,8 @@
 //! server = "xmpp.example.com:5222"   # optional: skip SRV lookup
 //! tls = "required"                    # default (STARTTLS); "direct" (TLS from the start);
 //!                                     # "none" only for loopback test servers
+//! nick = "alerts"                     # optional: nickname in group chat rooms
+//!                                     # (default: the JID's local part)
 //! ```
 
 use crate::error::Error;
@@ -30,6 +32,7 @@ struct AccountEntry {
     server: Option<String>,
     #[serde(default)]
     tls: Tls,
+    nick: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -58,6 +61,8 @@ pub struct Account {
     pub password: String,
     pub server: Option<ServerAddr>,
     pub tls: Tls,
+    /// The nickname this account joins group chat rooms with.
+    pub nick: String,
 }
 
 impl fmt::Debug for Account {
@@ -67,6 +72,7 @@ impl fmt::Debug for Account {
             .field("password", &"***")
             .field("server", &self.server)
             .field("tls", &self.tls)
+            .field("nick", &self.nick)
             .finish()
     }
 }
@@ -89,7 +95,12 @@ pub fn parse(text: &str) -> Result<Vec<Account>, String> {
         if entry.tls == Tls::None && !server.as_ref().is_some_and(is_loopback) {
             return Err(format!("account {jid}: tls = \"none\" is only allowed with a loopback server (127.0.0.1, ::1, localhost)"));
         }
-        accounts.push(Account { jid, password: entry.password, server, tls: entry.tls });
+        let nick = match entry.nick {
+            Some(nick) if nick.trim().is_empty() || nick.len() > 1023 => return Err(format!("account {jid}: nick must be 1 to 1023 bytes")),
+            Some(nick) => nick,
+            None => jid.jid().node().map_or_else(|| "herald".to_owned(), |n| n.as_str().to_owned()),
+        };
+        accounts.push(Account { jid, password: entry.password, server, tls: entry.tls, nick });
     }
     Ok(accounts)
 }

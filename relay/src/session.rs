@@ -8,6 +8,12 @@
 //! `Acked` stage (the server's `<a h=…/>` covered it). Where the server
 //! offers no stream management, an iq ping sent right after the stanza and
 //! answered proves the server read it, because a stream is ordered.
+//!
+//! A `groupchat` message goes to a room the session has joined (XEP-0045,
+//! as the account's nick, no history): the first one for a room joins it and
+//! waits for the room's self-presence; a room that refuses the join fails
+//! the waiting jobs with its error condition. Rooms are joined again after
+//! every new stream (a resumed stream keeps them).
 
 use crate::accounts::Account;
 use crate::error::DeliveryError;
@@ -23,7 +29,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_xmpp::parsers::iq::Iq;
-use tokio_xmpp::parsers::jid::Jid;
+use tokio_xmpp::parsers::jid::{BareJid, Jid};
+use tokio_xmpp::parsers::muc::muc::History;
+use tokio_xmpp::parsers::muc::user::{MucUser, Status};
+use tokio_xmpp::parsers::muc::Muc;
+use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
 use tokio_xmpp::parsers::message::{Message, MessageType};
 use tokio_xmpp::parsers::ping::Ping;
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
@@ -42,6 +52,13 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 struct Outgoing {
     message: Message,
     reply: oneshot::Sender<Result<(), DeliveryError>>,
+}
+
+/// A group chat room this session sends to.
+enum Room {
+    /// Join presence sent; these jobs wait for the room's answer.
+    Joining(Vec<Outgoing>),
+    Joined,
 }
 
 /// An error stanza the server sent back for a message it had already
@@ -69,6 +86,8 @@ impl Bounce {
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     jid: Sender,
+    /// Bounds a job's whole stay in the session (a room join, then the ack).
+    ack_timeout: Duration,
     jobs: mpsc::Sender<Outgoing>,
     online: watch::Receiver<bool>,
     login: watch::Receiver<LoginState>,
@@ -117,9 +136,13 @@ impl SessionHandle {
         }
         let (reply, outcome) = oneshot::channel();
         self.jobs.send(Outgoing { message, reply }).await.map_err(|_| offline())?;
-        outcome
-            .await
-            .unwrap_or_else(|_| Err(DeliveryError::Transient(format!("XMPP session of {} dropped the job", self.jid))))
+        // The session's own ack timeout starts when the stanza goes out; a
+        // job waiting for a room join needs a bound too.
+        match tokio::time::timeout(self.ack_timeout * 2, outcome).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(DeliveryError::Transient(format!("XMPP session of {} dropped the job", self.jid))),
+            Err(_) => Err(DeliveryError::Transient(format!("no acknowledgement within {:?}", self.ack_timeout * 2))),
+        }
     }
 }
 
@@ -136,9 +159,11 @@ pub fn spawn(
     let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE_DEPTH);
     let (online_tx, online_rx) = watch::channel(false);
     let (login_tx, login_rx) = watch::channel(LoginState::Connecting);
-    let handle = SessionHandle { jid: account.jid.clone(), jobs: jobs_tx, online: online_rx, login: login_rx.clone() };
+    let handle = SessionHandle { jid: account.jid.clone(), ack_timeout, jobs: jobs_tx, online: online_rx, login: login_rx.clone() };
     let session = Session {
-        stream: StanzaStream::new(login::connector(&account, login_tx), STREAM_QUEUE_DEPTH),
+        stream: StanzaStream::new(login::connector(&account, login_tx.clone()), STREAM_QUEUE_DEPTH),
+        login_tx,
+        lost_in_a_row: 0,
         account,
         ack_timeout,
         online: online_tx,
@@ -148,6 +173,7 @@ pub fn spawn(
         metrics,
         stream_management: false,
         pings: HashMap::new(),
+        rooms: HashMap::new(),
     };
     let task = tokio::spawn(session.run(jobs_rx, shutdown));
     (handle, task)
@@ -167,6 +193,11 @@ struct Session {
     stream_management: bool,
     /// Without stream management: pings in flight, by iq id.
     pings: HashMap<String, oneshot::Sender<()>>,
+    rooms: HashMap<BareJid, Room>,
+    /// For a fresh stream (see `on_lost`).
+    login_tx: watch::Sender<LoginState>,
+    /// Connections lost since the last one that got a session going.
+    lost_in_a_row: u32,
 }
 
 impl Session {
@@ -227,19 +258,30 @@ impl Session {
     async fn on_event(&mut self, event: Event) {
         match event {
             Event::Stream(StreamEvent::Reset { bound_jid, features }) => {
+                self.lost_in_a_row = 0;
                 self.stream_management = features.stream_management.is_some();
                 // Pings sent on the old stream will never be answered.
                 self.pings.clear();
                 tracing::info!(account = %self.account.jid, %bound_jid, stream_management = self.stream_management, "XMPP session online");
                 self.set_online(true);
+                // A new stream is a new session: no room knows us any more.
+                let rooms: Vec<BareJid> = self.rooms.keys().cloned().collect();
+                for room in rooms {
+                    if let Some(Room::Joined) = self.rooms.get(&room) {
+                        self.rooms.insert(room.clone(), Room::Joining(Vec::new()));
+                    }
+                    self.join(&room).await;
+                }
             }
             Event::Stream(StreamEvent::Resumed) => {
+                self.lost_in_a_row = 0;
                 tracing::info!(account = %self.account.jid, "XMPP session resumed");
                 self.set_online(true);
             }
             Event::Stream(StreamEvent::Suspended) => {
                 tracing::warn!(account = %self.account.jid, "XMPP connection lost; reconnecting");
                 self.set_online(false);
+                self.on_lost().await;
             }
             Event::Stanza(stanza) => self.on_stanza(stanza).await,
         }
@@ -264,8 +306,89 @@ impl Session {
                 }
             },
             Stanza::Message(message) if message.type_ == MessageType::Error => self.on_bounce(&message),
+            Stanza::Presence(presence) => self.on_presence(presence).await,
             _ => {}
         }
+    }
+
+    /// tokio-xmpp keeps trying to resume a lost stream. A server that lost
+    /// the session (a restart) answers `<sm:failed/>` without `h`, which
+    /// xmpp-parsers 0.23 cannot parse, so every new connection fails the
+    /// same way and the session would never come back. When connections
+    /// keep failing right after they were made, start a fresh stream (no
+    /// resumption): the jobs in flight on the old one fail as transient and
+    /// are retried, at least once as always.
+    async fn on_lost(&mut self) {
+        const FRESH_AFTER: u32 = 3;
+        self.lost_in_a_row += 1;
+        if self.lost_in_a_row < FRESH_AFTER {
+            return;
+        }
+        tracing::warn!(account = %self.account.jid, lost = self.lost_in_a_row, "the XMPP stream cannot be resumed; starting a fresh one");
+        self.lost_in_a_row = 0;
+        let fresh = StanzaStream::new(login::connector(&self.account, self.login_tx.clone()), STREAM_QUEUE_DEPTH);
+        let old = std::mem::replace(&mut self.stream, fresh);
+        drop(tokio::time::timeout(CLOSE_TIMEOUT, old.close()).await);
+        self.pings.clear();
+    }
+
+    /// A room's answer to a join, or news that we left it.
+    async fn on_presence(&mut self, presence: Presence) {
+        let Some(from) = presence.from.clone() else { return };
+        let room = from.to_bare();
+        if !self.rooms.contains_key(&room) {
+            return;
+        }
+        let own = from.resource().is_some_and(|r| r.as_str() == self.account.nick)
+            || presence.payloads.iter().filter_map(|p| MucUser::try_from(p.clone()).ok()).any(|u| u.status.contains(&Status::SelfPresence));
+        match presence.type_ {
+            PresenceType::Error => {
+                let (kind, condition) = stanza::error_in(&presence.payloads);
+                tracing::info!(account = %self.account.jid, %room, %condition, %kind, "the room refused the join");
+                let reason = format!("room {room} refused the join: {condition} ({kind})");
+                let error = if kind == "wait" { DeliveryError::Transient(reason) } else { DeliveryError::Permanent(reason) };
+                if let Some(Room::Joining(waiting)) = self.rooms.remove(&room) {
+                    for job in waiting {
+                        let _ = job.reply.send(Err(error.clone()));
+                    }
+                }
+            }
+            PresenceType::Unavailable if own => {
+                tracing::info!(account = %self.account.jid, %room, "no longer in the room; will join again for its next message");
+                self.rooms.remove(&room);
+            }
+            PresenceType::None if own => {
+                if let Some(Room::Joining(waiting)) = self.rooms.insert(room.clone(), Room::Joined) {
+                    tracing::info!(account = %self.account.jid, %room, nick = %self.account.nick, "joined the room");
+                    for job in waiting {
+                        // A job that gave up waiting has been retried already.
+                        if !job.reply.is_closed() {
+                            self.transmit(job).await;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends the join presence for `room`: our nick, no history.
+    async fn join(&mut self, room: &BareJid) {
+        let occupant = match room.with_resource_str(&self.account.nick) {
+            Ok(occupant) => occupant,
+            Err(e) => {
+                let error = DeliveryError::Permanent(format!("nick {:?} is not valid in room {room}: {e}", self.account.nick));
+                if let Some(Room::Joining(waiting)) = self.rooms.remove(room) {
+                    for job in waiting {
+                        let _ = job.reply.send(Err(error.clone()));
+                    }
+                }
+                return;
+            }
+        };
+        let mut presence = Presence::available().with_to(occupant);
+        presence.add_payload(Muc::new().with_history(History::new().with_maxstanzas(0)));
+        drop(self.stream.send(Box::new(presence.into())).await);
     }
 
     fn on_bounce(&self, message: &Message) {
@@ -280,7 +403,24 @@ impl Session {
         let _ = self.bounces.send(bounce);
     }
 
+    /// Sends a job's message, joining its room first if it is for a room.
     async fn send(&mut self, job: Outgoing) {
+        if job.message.type_ == MessageType::Groupchat
+            && let Some(room) = job.message.to.as_ref().map(Jid::to_bare)
+        {
+            match self.rooms.get_mut(&room) {
+                Some(Room::Joined) => {}
+                Some(Room::Joining(waiting)) => return waiting.push(job),
+                None => {
+                    self.rooms.insert(room.clone(), Room::Joining(vec![job]));
+                    return self.join(&room).await;
+                }
+            }
+        }
+        self.transmit(job).await;
+    }
+
+    async fn transmit(&mut self, job: Outgoing) {
         let Outgoing { message, reply } = job;
         let enqueue = self.stream.send(Box::new(message.into()));
         let Ok(token) = tokio::time::timeout(ENQUEUE_TIMEOUT, enqueue).await else {

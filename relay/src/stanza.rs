@@ -24,7 +24,12 @@ const STANZAS_NS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 /// The `type` and defined condition of an error message, as the XML names
 /// (`("cancel", "service-unavailable")`), or "unknown" where missing.
 pub fn error_condition(message: &Message) -> (String, String) {
-    let error = message.payloads.iter().find(|p| p.name() == "error");
+    error_in(&message.payloads)
+}
+
+/// The `(type, condition)` of the `<error/>` among a stanza's payloads.
+pub fn error_in(payloads: &[xmpp_parsers::minidom::Element]) -> (String, String) {
+    let error = payloads.iter().find(|p| p.name() == "error");
     let kind = error.and_then(|e| e.attr("type")).unwrap_or("unknown").to_owned();
     let condition = error
         .and_then(|e| e.children().find(|c| c.ns() == STANZAS_NS && c.name() != "text"))

@@ -7,6 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 pub const DOMAIN: &str = "localhost";
+/// The group chat service.
+pub const ROOMS: &str = "rooms.localhost";
+/// The one account allowed to create rooms (see `Prosody::room_admin`).
+const ROOM_ADMIN: &str = "room-admin";
 
 /// An account on the test server.
 #[derive(Debug, Clone)]
@@ -96,8 +100,15 @@ storage = "internal"
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = false
 c2s_stanza_size_limit = 512 * 1024
+admins = {{ "{ROOM_ADMIN}@{DOMAIN}" }}
 {ssl}
 VirtualHost "{DOMAIN}"
+
+-- Group chat: rooms open at once (no locking) and only admins create them,
+-- so that joining a room that does not exist is a refusal to test.
+Component "{ROOMS}" "muc"
+    muc_room_locking = false
+    restrict_room_creation = true
 "#,
             tls_module = if self.ca_file.is_some() { "\"tls\";" } else { "" },
             ssl = if self.ca_file.is_some() {
@@ -164,6 +175,12 @@ VirtualHost "{DOMAIN}"
     pub fn register(&self, name: &str) -> XmppAccount {
         let user = format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         self.register_as(&user, &uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// The account that may create group chat rooms (it creates one by
+    /// joining it).
+    pub fn room_admin(&self) -> XmppAccount {
+        self.register_as(ROOM_ADMIN, &uuid::Uuid::new_v4().simple().to_string())
     }
 
     /// Registers `<user>@localhost` with `password`.

@@ -26,6 +26,9 @@ pub struct Received {
 pub struct Receiver {
     pub account: XmppAccount,
     messages: mpsc::UnboundedReceiver<Received>,
+    /// Presences from others (rooms, their occupants).
+    presences: mpsc::UnboundedReceiver<Presence>,
+    outgoing: mpsc::UnboundedSender<Stanza>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -43,18 +46,40 @@ impl Receiver {
         herald_shared::telemetry::install_crypto_provider();
         for attempt in 1..=ATTEMPTS {
             let (tx, messages) = mpsc::unbounded_channel();
+            let (presences_tx, presences) = mpsc::unbounded_channel();
+            let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let (online_tx, online_rx) = tokio::sync::oneshot::channel();
             let (stage_tx, stage) = tokio::sync::watch::channel("connecting");
-            tokio::spawn(run(prosody.port, account.clone(), online_tx, stage_tx, tx, stopped));
+            let channels = Channels { messages: tx, presences: presences_tx, outgoing: outgoing_rx, stopped };
+            tokio::spawn(run(prosody.port, account.clone(), online_tx, stage_tx, channels));
             match tokio::time::timeout(ATTEMPT, online_rx).await {
-                Ok(Ok(())) => return Self { account: account.clone(), messages, stop: Some(stop) },
+                Ok(Ok(())) => return Self { account: account.clone(), messages, presences, outgoing, stop: Some(stop) },
                 Ok(Err(_)) => eprintln!("receiver {}: its task ended at stage {:?}; attempt {attempt}", account.jid, *stage.borrow()),
                 Err(_) => eprintln!("receiver {}: not online after {ATTEMPT:?}, at stage {:?}; attempt {attempt}", account.jid, *stage.borrow()),
             }
             let _ = stop.send(());
         }
         panic!("receiver {} could not get online in {ATTEMPTS} attempts", account.jid);
+    }
+
+    /// Joins (creating it if need be) the group chat `room` as `nick`, with
+    /// no history, and returns once the room answered with our own presence.
+    pub async fn join_room(&mut self, room: &str, nick: &str) {
+        let occupant: tokio_xmpp::jid::Jid = format!("{room}/{nick}").parse().expect("occupant JID");
+        let mut presence = Presence::available().with_to(occupant.clone());
+        presence.add_payload(tokio_xmpp::parsers::muc::Muc::new().with_history(tokio_xmpp::parsers::muc::muc::History::new().with_maxstanzas(0)));
+        self.outgoing.send(presence.into()).expect("receiver task alive");
+        let joined = async {
+            while let Some(p) = self.presences.recv().await {
+                if p.from.as_ref() == Some(&occupant) {
+                    assert_ne!(p.type_, tokio_xmpp::parsers::presence::Type::Error, "{} cannot join {room}", self.account.jid);
+                    return;
+                }
+            }
+            panic!("receiver task ended");
+        };
+        tokio::time::timeout(Duration::from_secs(20), joined).await.expect("joined the room within 20 s");
     }
 
     /// Waits for the next message, up to `deadline`.
@@ -84,16 +109,25 @@ impl Drop for Receiver {
     }
 }
 
+/// A receiver task's ends of its channels.
+struct Channels {
+    messages: mpsc::UnboundedSender<Received>,
+    presences: mpsc::UnboundedSender<Presence>,
+    outgoing: mpsc::UnboundedReceiver<Stanza>,
+    stopped: tokio::sync::oneshot::Receiver<()>,
+}
+
 /// One connection of a receiver: reports how far it got on `stage`, says
-/// when it is online, then forwards every message with a body.
+/// when it is online, then forwards every message with a body and every
+/// presence from others, and sends what it is given.
 async fn run(
     port: u16,
     account: XmppAccount,
     online: tokio::sync::oneshot::Sender<()>,
     stage: tokio::sync::watch::Sender<&'static str>,
-    tx: mpsc::UnboundedSender<Received>,
-    mut stopped: tokio::sync::oneshot::Receiver<()>,
+    channels: Channels,
 ) {
+    let Channels { messages: tx, presences, mut outgoing, mut stopped } = channels;
     let dns = DnsConfig::Addr { addr: format!("127.0.0.1:{port}") };
     let jid: tokio_xmpp::jid::Jid = account.jid.parse().expect("jid");
     let mut client = Client::new_plaintext(jid, account.password.clone(), dns, Timeouts::tight());
@@ -101,6 +135,12 @@ async fn run(
     loop {
         let event = tokio::select! {
             _ = &mut stopped => break,
+            Some(stanza) = outgoing.recv() => {
+                if let Err(e) = client.send_stanza(stanza).await {
+                    eprintln!("receiver {}: cannot send: {e}", account.jid);
+                }
+                continue;
+            }
             event = client.next() => match event { Some(e) => e, None => return },
         };
         match event {
@@ -120,6 +160,9 @@ async fn run(
             }
             Event::Stanza(Stanza::Message(m)) if !m.bodies.is_empty() => {
                 let _ = tx.send(reduce(m));
+            }
+            Event::Stanza(Stanza::Presence(p)) => {
+                let _ = presences.send(p);
             }
             // tokio-xmpp reconnects on its own; say why, for a test that
             // then times out.

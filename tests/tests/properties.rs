@@ -106,5 +106,7 @@ fn accepted_jobs_become_the_same_stanza() {
         })
         .unwrap_or_else(|e| panic!("{e}"));
     // The property says nothing if the ingress refused (almost) everything.
-    assert!(accepted.get() >= 300, "only {} of 3000 generated requests were accepted", accepted.get());
+    // About 10 % are accepted (the generator is mostly hostile), varying
+    // by a few dozen from seed to seed; 5 % is far below any seed's share.
+    assert!(accepted.get() >= 150, "only {} of 3000 generated requests were accepted", accepted.get());
 }
