@@ -26,8 +26,8 @@ pub struct Received {
 pub struct Receiver {
     pub account: XmppAccount,
     messages: mpsc::UnboundedReceiver<Received>,
-    /// Presences from others (rooms, their occupants).
-    presences: mpsc::UnboundedReceiver<Presence>,
+    /// Presences from others (rooms, their occupants) and iq answers.
+    others: mpsc::UnboundedReceiver<Stanza>,
     outgoing: mpsc::UnboundedSender<Stanza>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -46,15 +46,15 @@ impl Receiver {
         herald_shared::telemetry::install_crypto_provider();
         for attempt in 1..=ATTEMPTS {
             let (tx, messages) = mpsc::unbounded_channel();
-            let (presences_tx, presences) = mpsc::unbounded_channel();
+            let (others_tx, others) = mpsc::unbounded_channel();
             let (outgoing, outgoing_rx) = mpsc::unbounded_channel();
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let (online_tx, online_rx) = tokio::sync::oneshot::channel();
             let (stage_tx, stage) = tokio::sync::watch::channel("connecting");
-            let channels = Channels { messages: tx, presences: presences_tx, outgoing: outgoing_rx, stopped };
+            let channels = Channels { messages: tx, others: others_tx, outgoing: outgoing_rx, stopped };
             tokio::spawn(run(prosody.port, account.clone(), online_tx, stage_tx, channels));
             match tokio::time::timeout(ATTEMPT, online_rx).await {
-                Ok(Ok(())) => return Self { account: account.clone(), messages, presences, outgoing, stop: Some(stop) },
+                Ok(Ok(())) => return Self { account: account.clone(), messages, others, outgoing, stop: Some(stop) },
                 Ok(Err(_)) => eprintln!("receiver {}: its task ended at stage {:?}; attempt {attempt}", account.jid, *stage.borrow()),
                 Err(_) => eprintln!("receiver {}: not online after {ATTEMPT:?}, at stage {:?}; attempt {attempt}", account.jid, *stage.borrow()),
             }
@@ -71,8 +71,10 @@ impl Receiver {
         presence.add_payload(tokio_xmpp::parsers::muc::Muc::new().with_history(tokio_xmpp::parsers::muc::muc::History::new().with_maxstanzas(0)));
         self.outgoing.send(presence.into()).expect("receiver task alive");
         let joined = async {
-            while let Some(p) = self.presences.recv().await {
-                if p.from.as_ref() == Some(&occupant) {
+            while let Some(stanza) = self.others.recv().await {
+                if let Stanza::Presence(p) = stanza
+                    && p.from.as_ref() == Some(&occupant)
+                {
                     assert_ne!(p.type_, tokio_xmpp::parsers::presence::Type::Error, "{} cannot join {room}", self.account.jid);
                     return;
                 }
@@ -80,6 +82,33 @@ impl Receiver {
             panic!("receiver task ended");
         };
         tokio::time::timeout(Duration::from_secs(20), joined).await.expect("joined the room within 20 s");
+    }
+
+    /// Submits the owner's configuration form of `room` (XEP-0045 §10.2)
+    /// with these `muc#roomconfig_*` fields, and waits for the room's
+    /// answer.
+    pub async fn configure_room(&mut self, room: &str, fields: &[(&str, &str)]) {
+        use tokio_xmpp::parsers::iq::Iq;
+        let fields: String = fields.iter().map(|(var, value)| format!("<field var='muc#roomconfig_{var}'><value>{value}</value></field>")).collect();
+        let form = format!(
+            "<query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>{fields}</x></query>"
+        );
+        let id = format!("config-{}", uuid::Uuid::new_v4().simple());
+        let to: tokio_xmpp::jid::Jid = room.parse().expect("room JID");
+        let iq = Iq::Set { from: None, to: Some(to), id: id.clone(), payload: form.parse().expect("form XML") };
+        self.outgoing.send(iq.into()).expect("receiver task alive");
+        let answered = async {
+            while let Some(stanza) = self.others.recv().await {
+                match stanza {
+                    Stanza::Iq(Iq::Result { id: answer, .. }) if answer == id => return,
+                    Stanza::Iq(Iq::Error { id: answer, error, .. }) if answer == id => panic!("{room} refused the configuration: {error:?}"),
+                    _ => {}
+                }
+            }
+            panic!("receiver task ended");
+        };
+        tokio::time::timeout(Duration::from_secs(20), answered).await.expect("the room answered within 20 s");
     }
 
     /// Waits for the next message, up to `deadline`.
@@ -112,7 +141,7 @@ impl Drop for Receiver {
 /// A receiver task's ends of its channels.
 struct Channels {
     messages: mpsc::UnboundedSender<Received>,
-    presences: mpsc::UnboundedSender<Presence>,
+    others: mpsc::UnboundedSender<Stanza>,
     outgoing: mpsc::UnboundedReceiver<Stanza>,
     stopped: tokio::sync::oneshot::Receiver<()>,
 }
@@ -127,7 +156,7 @@ async fn run(
     stage: tokio::sync::watch::Sender<&'static str>,
     channels: Channels,
 ) {
-    let Channels { messages: tx, presences, mut outgoing, mut stopped } = channels;
+    let Channels { messages: tx, others, mut outgoing, mut stopped } = channels;
     let dns = DnsConfig::Addr { addr: format!("127.0.0.1:{port}") };
     let jid: tokio_xmpp::jid::Jid = account.jid.parse().expect("jid");
     let mut client = Client::new_plaintext(jid, account.password.clone(), dns, Timeouts::tight());
@@ -161,8 +190,8 @@ async fn run(
             Event::Stanza(Stanza::Message(m)) if !m.bodies.is_empty() => {
                 let _ = tx.send(reduce(m));
             }
-            Event::Stanza(Stanza::Presence(p)) => {
-                let _ = presences.send(p);
+            Event::Stanza(stanza @ (Stanza::Presence(_) | Stanza::Iq(_))) => {
+                let _ = others.send(stanza);
             }
             // tokio-xmpp reconnects on its own; say why, for a test that
             // then times out.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 const ARRIVAL: Duration = Duration::from_secs(20);
 const ALERTMANAGER: &str = include_str!("../fixtures/alertmanager-firing.json");
+const GRAFANA: &str = include_str!("../fixtures/grafana-firing.json");
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_and_notifications_reach_a_room_the_relay_joins() {
@@ -32,6 +33,10 @@ async fn messages_and_notifications_reach_a_room_the_relay_joins() {
     assert_eq!(stack.post(&path, Some("application/json"), ALERTMANAGER).await.status(), 202);
     let m = watcher.next(ARRIVAL).await.expect("the notification reaches the room");
     assert!(m.body.starts_with("🔥 FIRING:2 PostgresReplicationLag"), "{}", m.body);
+    let path = format!("/grafana/{room}?type=groupchat");
+    assert_eq!(stack.post(&path, Some("application/json"), GRAFANA).await.status(), 202);
+    let m = watcher.next(ARRIVAL).await.expect("the Grafana notification reaches the room");
+    assert!(m.body.starts_with("🔥 [FIRING:1] Disk almost full"), "{}", m.body);
     assert!(watcher.next(Duration::from_millis(500)).await.is_none(), "no history replayed, nothing twice");
     stack.stop().await;
 }
@@ -54,6 +59,27 @@ async fn a_room_that_refuses_the_join_parks_the_job_with_its_condition() {
     let mut rx = Receiver::connect(&stack.prosody, &account).await;
     assert_eq!(stack.post(&format!("/msg/{}", account.jid), Some("text/plain"), "still here").await.status(), 202);
     assert_eq!(rx.next(ARRIVAL).await.expect("delivered").body, "still here");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_room_that_refuses_the_message_parks_it_with_its_condition() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let dead = stack.broker.topology().dead_queue();
+    let admin = stack.prosody.room_admin();
+    let mut watcher = Receiver::connect(&stack.prosody, &admin).await;
+    let room = format!("quiet@{ROOMS}");
+    watcher.join_room(&room, "watcher").await;
+    // Moderated: the relay joins as a visitor, and visitors may not speak.
+    watcher.configure_room(&room, &[("moderatedroom", "1")]).await;
+
+    let json = serde_json::json!({ "to": room, "type": "groupchat", "body": "can anyone hear me?" });
+    assert_eq!(stack.post("/msg", Some("application/json"), json.to_string()).await.status(), 202);
+    poll::until("the refused message to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 1).then_some(()) }).await;
+    let parked = stack.broker.get(&dead).await.expect("parked job");
+    let reason = header_text(&parked.delivery.properties, headers::REASON).expect("reason");
+    assert!(reason.contains("bounced: forbidden"), "{reason}");
+    assert!(watcher.next(Duration::from_millis(500)).await.is_none(), "the room did not relay it");
     stack.stop().await;
 }
 
