@@ -107,8 +107,7 @@ impl Templates {
     pub fn render(&self, source: Source, body: &[u8]) -> Result<Rendered, Error> {
         let payload: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| Error::Malformed(format!("cannot parse the {} notification: {e}", source.name())))?;
-        let shape: Shape = serde_json::from_value(payload.clone())
-            .map_err(|e| Error::Malformed(format!("not a {} notification: {e}", source.name())))?;
+        let shape = Shape::deserialize(&payload).map_err(|e| Error::Malformed(format!("not a {} notification: {e}", source.name())))?;
         check(source, &shape)?;
         let by_status = |status: &str| -> Vec<serde_json::Value> {
             payload["alerts"].as_array().into_iter().flatten().filter(|a| a["status"] == status).cloned().collect()

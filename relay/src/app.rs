@@ -14,7 +14,6 @@ use prometheus_client::registry::Registry;
 use std::time::Duration;
 use crate::session::{self, SessionHandle};
 use herald_shared::amqp::ConfirmChannel;
-use herald_shared::Topology;
 use std::future::Future;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +24,8 @@ const QUEUE_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Application {
     config: Config,
+    /// Read at build, so that an unreadable URL file stops start-up.
+    amqp_url: String,
     accounts: Vec<Account>,
     admin: Admin,
     registry_metrics: Arc<Metrics>,
@@ -37,8 +38,7 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, Error> {
         let file = config.accounts_file.clone().ok_or_else(|| Error::Config("HERALD_ACCOUNTS_FILE is required".into()))?;
         let accounts = accounts::load(&file)?;
-        let mut config = config;
-        config.amqp_url = herald_shared::amqp::url_or_file(&config.amqp_url, config.amqp_url_file.as_deref())?;
+        let amqp_url = config.broker.url()?;
         if accounts.is_empty() {
             return Err(Error::Config(format!("the accounts file {} lists no accounts", file.display())));
         }
@@ -52,7 +52,7 @@ impl Application {
         let admin = Admin::bind(config.admin_listen, registry, ready)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.admin_listen)))?;
-        Ok(Self { config, accounts, admin, registry_metrics: metrics, sessions_ready })
+        Ok(Self { config, amqp_url, accounts, admin, registry_metrics: metrics, sessions_ready })
     }
 
     pub fn admin_port(&self) -> u16 {
@@ -62,10 +62,10 @@ impl Application {
     /// Runs until `shutdown` resolves, then stops consuming, waits (bounded)
     /// for the acks of what was already sent, and closes the XMPP streams.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let Self { config, accounts, admin, registry_metrics: metrics, sessions_ready } = self;
+        let Self { config, amqp_url, accounts, admin, registry_metrics: metrics, sessions_ready } = self;
         let stop_admin = CancellationToken::new();
         let admin = tokio::spawn(admin.serve(stop_admin.clone().cancelled_owned()));
-        let topology = Topology::new(config.amqp_prefix.clone());
+        let topology = config.broker.topology();
         let stop_sessions = CancellationToken::new();
         let mut sessions = std::collections::HashMap::new();
         let mut session_tasks = Vec::new();
@@ -78,7 +78,7 @@ impl Application {
         }
         let _ = sessions_ready.set(sessions.values().cloned().collect());
         let publisher = Arc::new(ConfirmChannel::new(
-            &config.amqp_url,
+            &amqp_url,
             "herald-relay publisher",
             topology.clone(),
             config.retry_delays.0.clone(),
@@ -107,7 +107,7 @@ impl Application {
         let stop_consuming = CancellationToken::new();
         let consumer = tokio::spawn(consumer::run(
             Arc::clone(&dispatcher),
-            config.amqp_url.clone(),
+            amqp_url,
             config.prefetch,
             config.drain_timeout,
             stop_consuming.clone(),

@@ -51,8 +51,7 @@ impl Parked {
 /// Prints up to `limit` parked jobs, one JSON object per line, and returns
 /// how many it printed. The queue is left as it was.
 pub async fn list(broker: &BrokerArgs, limit: usize, out: &mut impl Write) -> Result<usize, Error> {
-    let topology = Topology::new(broker.amqp_prefix.clone());
-    let url = amqp::url_or_file(&broker.amqp_url, broker.amqp_url_file.as_deref())?;
+    let (topology, url) = (broker.topology(), broker.url()?);
     let connection = amqp::connect(&url, "herald-relay dead list").await?;
     let channel = connection.create_channel().await?;
     let mut printed = 0;
@@ -73,8 +72,7 @@ pub async fn list(broker: &BrokerArgs, limit: usize, out: &mut impl Write) -> Re
 /// parked when it starts at most once, so jobs that are parked again while
 /// it runs wait for the next replay.
 pub async fn replay(broker: &BrokerArgs, ids: &[String]) -> Result<usize, Error> {
-    let topology = Topology::new(broker.amqp_prefix.clone());
-    let url = amqp::url_or_file(&broker.amqp_url, broker.amqp_url_file.as_deref())?;
+    let (topology, url) = (broker.topology(), broker.url()?);
     let publisher = ConfirmChannel::new(&url, "herald-relay dead replay", topology.clone(), Vec::new());
     let connection = amqp::connect(&url, "herald-relay dead replay").await?;
     let channel = connection.create_channel().await?;

@@ -347,11 +347,7 @@ impl Session {
                 tracing::info!(account = %self.account.jid, %room, %condition, %kind, "the room refused the join");
                 let reason = format!("room {room} refused the join: {condition} ({kind})");
                 let error = if kind == "wait" { DeliveryError::Transient(reason) } else { DeliveryError::Permanent(reason) };
-                if let Some(Room::Joining(waiting)) = self.rooms.remove(&room) {
-                    for job in waiting {
-                        let _ = job.reply.send(Err(error.clone()));
-                    }
-                }
+                self.leave_failing(&room, &error);
             }
             PresenceType::Unavailable if own => {
                 tracing::info!(account = %self.account.jid, %room, "no longer in the room; will join again for its next message");
@@ -372,17 +368,22 @@ impl Session {
         }
     }
 
+    /// Forgets `room` and fails the jobs that waited for its join.
+    fn leave_failing(&mut self, room: &BareJid, error: &DeliveryError) {
+        if let Some(Room::Joining(waiting)) = self.rooms.remove(room) {
+            for job in waiting {
+                let _ = job.reply.send(Err(error.clone()));
+            }
+        }
+    }
+
     /// Sends the join presence for `room`: our nick, no history.
     async fn join(&mut self, room: &BareJid) {
         let occupant = match room.with_resource_str(&self.account.nick) {
             Ok(occupant) => occupant,
             Err(e) => {
                 let error = DeliveryError::Permanent(format!("nick {:?} is not valid in room {room}: {e}", self.account.nick));
-                if let Some(Room::Joining(waiting)) = self.rooms.remove(room) {
-                    for job in waiting {
-                        let _ = job.reply.send(Err(error.clone()));
-                    }
-                }
+                self.leave_failing(room, &error);
                 return;
             }
         };

@@ -59,18 +59,7 @@ impl Broker {
     /// Publishes raw bytes to the work queue, as a broken or hostile
     /// producer could.
     pub async fn publish_raw(&self, payload: &[u8]) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.topology().exchange().as_str().into(),
-                herald_shared::topology::WORK_ROUTING_KEY.into(),
-                lapin::options::BasicPublishOptions::default(),
-                payload,
-                lapin::BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("publish");
-        drop(confirm);
+        self.publish_work(payload, lapin::BasicProperties::default().with_delivery_mode(2)).await;
     }
 
     /// Publishes a job to the work queue as an ingress would, marked
@@ -82,13 +71,17 @@ impl Broker {
             headers.insert(herald_shared::topology::headers::IDEMPOTENT.into(), lapin::types::AMQPValue::Boolean(true));
             properties = properties.with_headers(headers);
         }
+        self.publish_work(&job.encode(), properties).await;
+    }
+
+    async fn publish_work(&self, payload: &[u8], properties: lapin::BasicProperties) {
         let confirm = self
             .channel
             .basic_publish(
                 self.topology().exchange().as_str().into(),
                 herald_shared::topology::WORK_ROUTING_KEY.into(),
                 lapin::options::BasicPublishOptions::default(),
-                &job.encode(),
+                payload,
                 properties,
             )
             .await

@@ -161,9 +161,7 @@ pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> hera
 
 pub fn relay_config(amqp_url: &str, prefix: &str, accounts_file: PathBuf, retry_delays: &[Duration]) -> herald_relay::config::Config {
     herald_relay::config::Config {
-        amqp_url: amqp_url.to_owned(),
-        amqp_url_file: None,
-        amqp_prefix: prefix.to_owned(),
+        broker: herald_relay::config::BrokerArgs { amqp_url: amqp_url.to_owned(), amqp_url_file: None, amqp_prefix: prefix.to_owned() },
         admin_listen: "127.0.0.1:0".parse().expect("addr"),
         accounts_file: Some(accounts_file),
         prefetch: 256,
