@@ -99,7 +99,9 @@ impl Dispatcher {
                     self.seen.release(id);
                 }
                 let id = id.map(|id| id.to_string());
-                self.settle_failure(id.as_deref(), &delivery.data, &delivery.properties, attempts, &error).await
+                // Boxed: the failure path's publish would otherwise make
+                // every delivery's task (spawned per job) several times larger.
+                Box::pin(self.settle_failure(id.as_deref(), &delivery.data, &delivery.properties, attempts, &error)).await
             }
         };
         match settled {
@@ -109,7 +111,7 @@ impl Dispatcher {
                 // The broker's delivery limit bounds how often this happens.
                 tracing::warn!(id = ?id, error = %e, "cannot hand the job on; returning it to the queue");
                 self.metrics.count(Outcome::Requeued);
-                if let Err(e) = acks.requeue(delivery.delivery_tag).await {
+                if let Err(e) = Box::pin(acks.requeue(delivery.delivery_tag)).await {
                     // The channel is gone; the broker redelivers the job.
                     tracing::warn!(id = ?id, error = %e, "cannot requeue the delivery; it will be redelivered");
                 }

@@ -51,7 +51,17 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Outgoing {
     message: Message,
-    reply: oneshot::Sender<Result<(), DeliveryError>>,
+    /// Answered once the stanza is on its way (or could not be): the job's
+    /// own task then waits for the server's acknowledgement, so the session
+    /// spawns nothing per message.
+    reply: oneshot::Sender<Result<InFlight, DeliveryError>>,
+}
+
+/// A stanza handed to the stream: its progress token and, without stream
+/// management, the ping that proves the server read it.
+struct InFlight {
+    token: StanzaToken,
+    ping: Option<oneshot::Receiver<()>>,
 }
 
 /// A group chat room this session sends to.
@@ -134,15 +144,18 @@ impl SessionHandle {
         if !matches!(tokio::time::timeout(online_timeout, online.wait_for(|o| *o)).await, Ok(Ok(_))) {
             return Err(offline());
         }
-        let (reply, outcome) = oneshot::channel();
+        let (reply, sent) = oneshot::channel();
         self.jobs.send(Outgoing { message, reply }).await.map_err(|_| offline())?;
-        // The session's own ack timeout starts when the stanza goes out; a
-        // job waiting for a room join needs a bound too.
-        match tokio::time::timeout(self.ack_timeout * 2, outcome).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(DeliveryError::Transient(format!("XMPP session of {} dropped the job", self.jid))),
-            Err(_) => Err(DeliveryError::Transient(format!("no acknowledgement within {:?}", self.ack_timeout * 2))),
-        }
+        // Both stages are bounded: a job may wait for a room join before it
+        // goes out, then for the server's acknowledgement.
+        let in_flight = match tokio::time::timeout(self.ack_timeout, sent).await {
+            Ok(Ok(sent)) => sent?,
+            Ok(Err(_)) => return Err(DeliveryError::Transient(format!("XMPP session of {} dropped the job", self.jid))),
+            Err(_) => return Err(DeliveryError::Transient(format!("not sent within {:?} (waiting for a room join)", self.ack_timeout))),
+        };
+        tokio::time::timeout(self.ack_timeout, confirmed(in_flight))
+            .await
+            .unwrap_or_else(|_| Err(DeliveryError::Transient(format!("no acknowledgement within {:?}", self.ack_timeout))))
     }
 }
 
@@ -165,7 +178,6 @@ pub fn spawn(
         login_tx,
         lost_in_a_row: 0,
         account,
-        ack_timeout,
         online: online_tx,
         login: login_rx,
         reported_login: None,
@@ -182,7 +194,6 @@ pub fn spawn(
 struct Session {
     account: Account,
     stream: StanzaStream,
-    ack_timeout: Duration,
     online: watch::Sender<bool>,
     login: watch::Receiver<LoginState>,
     /// The last login problem logged, so that retries do not repeat it.
@@ -429,13 +440,7 @@ impl Session {
             return;
         };
         let ping = if self.stream_management { None } else { Some(self.send_ping().await) };
-        let ack_timeout = self.ack_timeout;
-        tokio::spawn(async move {
-            let outcome = tokio::time::timeout(ack_timeout, confirmed(token, ping))
-                .await
-                .unwrap_or_else(|_| Err(DeliveryError::Transient(format!("no acknowledgement within {ack_timeout:?}"))));
-            let _ = reply.send(outcome);
-        });
+        let _ = reply.send(Ok(InFlight { token, ping }));
     }
 
     async fn send_ping(&mut self) -> oneshot::Receiver<()> {
@@ -450,7 +455,7 @@ impl Session {
 
 /// Resolves once the server has provably received the stanza: its XEP-0198
 /// ack, or (without stream management) the answer to the ping sent after it.
-async fn confirmed(mut token: StanzaToken, ping: Option<oneshot::Receiver<()>>) -> Result<(), DeliveryError> {
+async fn confirmed(InFlight { mut token, ping }: InFlight) -> Result<(), DeliveryError> {
     let stage = if ping.is_some() { StanzaStage::Sent } else { StanzaStage::Acked };
     match token.wait_for(stage).await {
         Some(StanzaState::Acked { .. }) => return Ok(()),

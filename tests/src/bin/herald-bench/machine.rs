@@ -92,6 +92,8 @@ pub struct Watched {
 pub struct CpuMeter {
     watched: Vec<Watched>,
     start_ticks: Vec<u64>,
+    /// Run-queue wait of the XMPP server so far (see `stop`).
+    start_server_wait: u64,
     start_machine: u64,
     started: Instant,
 }
@@ -99,7 +101,8 @@ pub struct CpuMeter {
 impl CpuMeter {
     pub fn start(watched: Vec<Watched>) -> Self {
         let start_ticks = watched.iter().map(total_ticks).collect();
-        Self { watched, start_ticks, start_machine: machine_busy_ticks(), started: Instant::now() }
+        let start_server_wait = server_wait_ns(&watched);
+        Self { watched, start_ticks, start_server_wait, start_machine: machine_busy_ticks(), started: Instant::now() }
     }
 
     /// (name, percent of one core) for each group since `start`, `None` for
@@ -117,8 +120,31 @@ impl CpuMeter {
         let machine = percent(machine_busy_ticks().saturating_sub(self.start_machine));
         usage.push(("whole machine", Some(machine)));
         usage.push(("everything else", Some((machine - ours).max(0.0))));
+        // Prosody is single-threaded and the bottleneck of the XMPP ceiling:
+        // time it was ready to run but waited for a CPU is time the rest
+        // of the machine took from it.
+        let wait_ns = server_wait_ns(&self.watched).saturating_sub(self.start_server_wait);
+        usage.push((SERVER_WAIT, Some(wait_ns as f64 / 1e9 / seconds * 100.0)));
         usage
     }
+}
+
+/// The group whose run-queue wait is reported, and the column it goes in.
+const SERVER: &str = "prosody";
+const SERVER_WAIT: &str = "prosody ready but waiting for a CPU";
+
+fn server_wait_ns(watched: &[Watched]) -> u64 {
+    watched.iter().filter(|w| w.name == SERVER).flat_map(|w| &w.pids).map(|pid| run_queue_wait_ns(*pid)).sum()
+}
+
+/// Nanoseconds the threads of a process spent runnable but not running
+/// (the second field of each thread's `schedstat`).
+fn run_queue_wait_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Busy (not idle, not waiting for I/O) ticks of all CPUs, from `/proc/stat`.

@@ -31,7 +31,7 @@ mod report;
 mod stats;
 mod xmpp_ceiling;
 
-use arrivals::Arrivals;
+use arrivals::{Arrivals, Matched};
 use clap::Parser;
 use herald::Herald;
 use herald_tests::{Broker, Prosody, XmppAccount};
@@ -203,6 +203,9 @@ async fn end_to_end(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Opt
     let matched = arrivals.wait_for(&load.ids(), options.idle_timeout).await;
     let first = load.first_sent.expect("the load ran");
     let elapsed = matched.last().map_or(Duration::ZERO, |last| last.duration_since(first));
+    if options.timeline {
+        print_timeline(first, &load, &matched);
+    }
     EndToEnd { delivered: matched.arrived.len(), duplicates: matched.duplicates, elapsed, load }
 }
 
@@ -220,6 +223,30 @@ async fn paced(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Options)
         answer: Percentiles::of(load.answer_latencies()),
         achieved_rate: send_rate(&load),
         load,
+    }
+}
+
+/// Accepted and delivered messages per second, in 250 ms slots from the first
+/// POST, on stderr: shows how delivery shares the machine with the posting.
+fn print_timeline(first: Instant, load: &Outcome, matched: &Matched) {
+    const SLOT_MS: u128 = 250;
+    let slot = |at: Instant| (at.duration_since(first).as_millis() / SLOT_MS) as usize;
+    let slots = matched.last().map_or(0, |last| slot(last) + 1);
+    let mut accepted = vec![0usize; slots];
+    let mut delivered = vec![0usize; slots];
+    for a in &load.accepted {
+        if let Some(n) = accepted.get_mut(slot(a.answered)) {
+            *n += 1;
+        }
+    }
+    for at in matched.arrived.values() {
+        if let Some(n) = delivered.get_mut(slot(*at)) {
+            *n += 1;
+        }
+    }
+    let per_second = 1000 / SLOT_MS as usize;
+    for (i, (a, d)) in accepted.iter().zip(&delivered).enumerate() {
+        eprintln!("timeline {:>6} ms: accepted {:>6}/s, delivered {:>6}/s", i * SLOT_MS as usize, a * per_second, d * per_second);
     }
 }
 

@@ -65,6 +65,11 @@ pub struct Options {
     #[arg(long, env = "HERALD_BENCH_IDLE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
+    /// Print the whole-path runs' accepted and delivered rates per 250 ms on
+    /// stderr.
+    #[arg(long, env = "HERALD_BENCH_TIMELINE")]
+    pub timeline: bool,
+
     /// Extra environment for herald-ingress, `KEY=VALUE` (repeatable), to
     /// measure other settings.
     #[arg(long = "ingress-env", value_name = "KEY=VALUE", value_parser = parse_env)]
