@@ -14,7 +14,6 @@ use herald_shared::admin::{Admin, Readiness};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use herald_shared::amqp::ConfirmChannel;
-use herald_shared::Topology;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,8 +49,8 @@ impl Application {
             tracing::warn!(file = %users_file.display(), "the users file lists no users: every request will get 401");
         }
         let auth = Arc::new(Authenticator::new(users, Duration::from_secs(config.auth_cache_seconds), config.login_failures));
-        let topology = Topology::new(config.amqp_prefix.clone());
-        let amqp_url = herald_shared::amqp::url_or_file(&config.amqp_url, config.amqp_url_file.as_deref())?;
+        let topology = config.broker.topology();
+        let amqp_url = config.broker.url()?;
         let publisher = Arc::new(ConfirmChannel::new(&amqp_url, "herald-ingress", topology, Vec::new()));
         if let Err(e) = publisher.channel().await {
             tracing::warn!(error = %e, "broker not reachable at start; answering 503 until it is");

@@ -2,7 +2,7 @@
 //! first (for containers) and a flag second.
 
 use clap::{Args, Parser, Subcommand};
-use herald_shared::amqp::DEFAULT_AMQP_URL;
+use herald_shared::amqp::BrokerArgs;
 use herald_shared::domain::DEFAULT_MAX_BODY_BYTES;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,18 +42,8 @@ pub struct Config {
     #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin_listen: SocketAddr,
 
-    /// RabbitMQ URL (amqp:// or amqps://).
-    #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
-    pub amqp_url: String,
-
-    /// File holding the RabbitMQ URL (e.g. a mounted Secret); overrides
-    /// HERALD_AMQP_URL.
-    #[arg(long, env = "HERALD_AMQP_URL_FILE")]
-    pub amqp_url_file: Option<PathBuf>,
-
-    /// Prefix of every exchange and queue name.
-    #[arg(long, env = "HERALD_AMQP_PREFIX", default_value = "herald")]
-    pub amqp_prefix: String,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
 
     /// TOML file of `[[users]]` with `jid`, `password_hash` (argon2id PHC) and
     /// an optional `from` (sender JID to use instead of `jid`).

@@ -2,7 +2,7 @@
 //! first and a flag second.
 
 use clap::{Args, Parser, Subcommand};
-use herald_shared::amqp::DEFAULT_AMQP_URL;
+use herald_shared::amqp::BrokerArgs;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,33 +49,6 @@ pub enum DeadCommand {
         #[arg(long = "id")]
         ids: Vec<String>,
     },
-}
-
-/// Where the broker is: for the service and the `dead` subcommands.
-#[derive(Debug, Clone, Args)]
-pub struct BrokerArgs {
-    /// RabbitMQ URL (amqp:// or amqps://).
-    #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
-    pub amqp_url: String,
-    /// File holding the RabbitMQ URL (e.g. a mounted Secret); overrides
-    /// HERALD_AMQP_URL.
-    #[arg(long, env = "HERALD_AMQP_URL_FILE")]
-    pub amqp_url_file: Option<PathBuf>,
-
-    /// Prefix of every exchange and queue name.
-    #[arg(long, env = "HERALD_AMQP_PREFIX", default_value = "herald")]
-    pub amqp_prefix: String,
-}
-
-impl BrokerArgs {
-    /// The URL, read from `amqp_url_file` if one is given.
-    pub fn url(&self) -> std::io::Result<String> {
-        herald_shared::amqp::url_or_file(&self.amqp_url, self.amqp_url_file.as_deref())
-    }
-
-    pub fn topology(&self) -> herald_shared::Topology {
-        herald_shared::Topology::new(self.amqp_prefix.clone())
-    }
 }
 
 pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9091";

@@ -6,7 +6,7 @@
 //! only then removes it from the parking queue: a crash in between leaves a
 //! duplicate, never a loss.
 
-use crate::config::BrokerArgs;
+use herald_shared::amqp::BrokerArgs;
 use crate::consumer::copy_properties;
 use crate::error::Error;
 use herald_shared::amqp::{self, ConfirmChannel};

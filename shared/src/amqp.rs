@@ -208,3 +208,32 @@ mod tests {
         assert_eq!(super::redact_url("amqp://host/%2f"), "amqp://host/%2f");
     }
 }
+
+/// Where a service finds its broker and its queues: the same three settings
+/// (environment first, flag second) for the ingress, the relay and the
+/// relay's `dead` subcommands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL (amqp:// or amqps://).
+    #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
+    pub amqp_url: String,
+    /// File holding the RabbitMQ URL (e.g. a mounted Secret); overrides
+    /// HERALD_AMQP_URL.
+    #[arg(long, env = "HERALD_AMQP_URL_FILE")]
+    pub amqp_url_file: Option<std::path::PathBuf>,
+
+    /// Prefix of every exchange and queue name.
+    #[arg(long, env = "HERALD_AMQP_PREFIX", default_value = "herald")]
+    pub amqp_prefix: String,
+}
+
+impl BrokerArgs {
+    /// The URL, read from `amqp_url_file` if one is given.
+    pub fn url(&self) -> std::io::Result<String> {
+        url_or_file(&self.amqp_url, self.amqp_url_file.as_deref())
+    }
+
+    pub fn topology(&self) -> crate::Topology {
+        crate::Topology::new(self.amqp_prefix.clone())
+    }
+}

@@ -4,6 +4,7 @@
 use crate::broker::Broker;
 use crate::prosody::{Prosody, XmppAccount};
 use herald_relay::config::Delays;
+use herald_shared::amqp::BrokerArgs;
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -141,13 +142,16 @@ impl Stack {
     }
 }
 
+/// The broker settings both services get in the harness.
+pub fn broker_args(amqp_url: &str, prefix: &str) -> BrokerArgs {
+    BrokerArgs { amqp_url: amqp_url.to_owned(), amqp_url_file: None, amqp_prefix: prefix.to_owned() }
+}
+
 pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> herald_ingress::config::Config {
     herald_ingress::config::Config {
         listen: "127.0.0.1:0".parse().expect("addr"),
         admin_listen: "127.0.0.1:0".parse().expect("addr"),
-        amqp_url: amqp_url.to_owned(),
-        amqp_url_file: None,
-        amqp_prefix: prefix.to_owned(),
+        broker: broker_args(amqp_url, prefix),
         users_file: Some(users_file),
         max_body_bytes: herald_shared::domain::DEFAULT_MAX_BODY_BYTES,
         auth_cache_seconds: 300,
@@ -161,7 +165,7 @@ pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> hera
 
 pub fn relay_config(amqp_url: &str, prefix: &str, accounts_file: PathBuf, retry_delays: &[Duration]) -> herald_relay::config::Config {
     herald_relay::config::Config {
-        broker: herald_relay::config::BrokerArgs { amqp_url: amqp_url.to_owned(), amqp_url_file: None, amqp_prefix: prefix.to_owned() },
+        broker: broker_args(amqp_url, prefix),
         admin_listen: "127.0.0.1:0".parse().expect("addr"),
         accounts_file: Some(accounts_file),
         prefetch: 256,

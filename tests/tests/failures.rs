@@ -3,7 +3,6 @@
 //! broker link, a wrong password). Every message that got a 202 must
 //! arrive; duplicates are counted and reported (`FAULT …` lines).
 
-use herald_relay::config::BrokerArgs;
 use herald_shared::topology::headers;
 use herald_tests::binaries::{Service, ServiceEnv};
 use herald_tests::broker::header_text;
@@ -39,7 +38,7 @@ async fn a_bounced_message_is_parked_with_its_condition_and_can_be_replayed() {
     let dead = stack.broker.topology().dead_queue();
     poll::until("the bounced job to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 1).then_some(()) }).await;
 
-    let broker = BrokerArgs { amqp_url: stack.broker.url.clone(), amqp_url_file: None, amqp_prefix: stack.broker.prefix.clone() };
+    let broker = herald_tests::stack::broker_args(&stack.broker.url, &stack.broker.prefix);
     let mut listing = Vec::new();
     assert_eq!(herald_relay::dead::list(&broker, 10, &mut listing).await.expect("list"), 1);
     let parked: serde_json::Value = serde_json::from_slice(&listing).expect("one JSON line");
