@@ -2,12 +2,9 @@
 //! payloads (tests/fixtures/), through the real stack: one message each,
 //! rendered by the default templates, to one or several recipients.
 
+use crate::{ARRIVAL, ALERTMANAGER, GRAFANA};
 use herald_tests::{Receiver, Stack, StackOptions};
 use std::time::Duration;
-
-const ARRIVAL: Duration = Duration::from_secs(20);
-const ALERTMANAGER: &str = include_str!("../fixtures/alertmanager-firing.json");
-const GRAFANA: &str = include_str!("../fixtures/grafana-firing.json");
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_alertmanager_notification_arrives_as_one_readable_message() {

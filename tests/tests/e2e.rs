@@ -1,17 +1,15 @@
 //! End to end: HTTP → ingress → RabbitMQ → relay → Prosody → a real XMPP
 //! client. Every test uses its own queue prefix and fresh accounts.
 
+use crate::ARRIVAL;
 use herald_tests::receiver::Received;
 use herald_tests::{poll, Receiver, Stack, StackOptions};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::time::Duration;
 use herald_shared::topology::headers;
 use herald_tests::broker::header_text;
 use tokio_xmpp::parsers::message::MessageType;
-
-const ARRIVAL: Duration = Duration::from_secs(20);
 
 async fn accepted(response: reqwest::Response) -> Vec<(String, String)> {
     let status = response.status();

@@ -2,12 +2,10 @@
 //! text; either way the relay's XMPP stream stays up and the next ordinary
 //! message arrives. Nothing poisons the queue.
 
+use crate::ARRIVAL;
 use herald_shared::topology::headers;
 use herald_tests::broker::header_text;
 use herald_tests::{poll, Receiver, Stack, StackOptions};
-use std::time::Duration;
-
-const ARRIVAL: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_input_is_refused_or_inert_and_the_stream_survives() {

@@ -3,15 +3,14 @@
 //! one delivery; and a relay does not send an idempotent job twice even
 //! when the broker hands it the job twice (two ingress replicas).
 
+use crate::{ARRIVAL, ALERTMANAGER};
 use herald_shared::{Body, Job, MessageKind, Recipient, Sender};
 use herald_tests::stack::user_entry;
 use herald_tests::{Receiver, Stack, StackOptions};
 use std::time::Duration;
 
-const ARRIVAL: Duration = Duration::from_secs(20);
 /// How long to watch for a second copy that must not come.
 const QUIET: Duration = Duration::from_millis(800);
-const ALERTMANAGER: &str = include_str!("../fixtures/alertmanager-firing.json");
 
 async fn ids(response: reqwest::Response) -> Vec<String> {
     assert_eq!(response.status(), 202);

@@ -2,11 +2,10 @@
 //! listed in the 202 with its id, each delivered on its own; one invalid
 //! recipient refuses the whole request and queues nothing.
 
+use crate::ARRIVAL;
 use herald_tests::{Receiver, Stack, StackOptions};
 use std::collections::HashMap;
 use std::time::Duration;
-
-const ARRIVAL: Duration = Duration::from_secs(20);
 
 /// `to` → job id, from a 202 body.
 async fn jobs(response: reqwest::Response) -> HashMap<String, String> {

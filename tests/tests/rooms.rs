@@ -2,16 +2,13 @@
 //! first message there, and a room that refuses the join parks the job with
 //! the room's condition instead of reporting success.
 
+use crate::{ARRIVAL, ALERTMANAGER, GRAFANA};
 use herald_shared::topology::headers;
 use herald_tests::broker::header_text;
 use herald_tests::prosody::ROOMS;
 use herald_tests::{poll, Receiver, Stack, StackOptions};
 use tokio_xmpp::parsers::message::MessageType;
 use std::time::Duration;
-
-const ARRIVAL: Duration = Duration::from_secs(20);
-const ALERTMANAGER: &str = include_str!("../fixtures/alertmanager-firing.json");
-const GRAFANA: &str = include_str!("../fixtures/grafana-firing.json");
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_and_notifications_reach_a_room_the_relay_joins() {

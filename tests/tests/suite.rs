@@ -3,6 +3,15 @@
 //! dependency tree cost minutes and gigabytes). `cargo nextest` still runs
 //! every test in its own process.
 
+use std::time::Duration;
+
+/// How long a message may take to arrive at its recipient before a test
+/// fails (a deadline for polling, never a sleep).
+const ARRIVAL: Duration = Duration::from_secs(20);
+/// Recorded notifications, as Alertmanager and Grafana send them.
+const ALERTMANAGER: &str = include_str!("../fixtures/alertmanager-firing.json");
+const GRAFANA: &str = include_str!("../fixtures/grafana-firing.json");
+
 mod alerting;
 mod bench;
 mod binaries;

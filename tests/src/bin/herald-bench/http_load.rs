@@ -173,13 +173,7 @@ pub async fn closed_loop(target: Arc<Target>, connections: usize, limit: Limit) 
             })
         })
         .collect();
-    for worker in workers {
-        worker.await.expect("load worker");
-    }
-    let mut outcome = std::mem::take(&mut *results.lock().expect("results lock"));
-    outcome.first_sent = Some(started);
-    outcome.elapsed = started.elapsed();
-    outcome
+    collect(workers, &results, started).await
 }
 
 /// The next message number, if the run is not over.
@@ -216,8 +210,14 @@ pub async fn open_loop(target: Arc<Target>, rate: u32, duration: Duration) -> Ou
             record(&results, outcome);
         }));
     }
-    for request in requests {
-        request.await.expect("paced request");
+    collect(requests, &results, first).await
+}
+
+/// Waits for every sending task, then returns what they recorded, timed from
+/// `first`, the first send.
+async fn collect(tasks: Vec<tokio::task::JoinHandle<()>>, results: &Mutex<Outcome>, first: Instant) -> Outcome {
+    for task in tasks {
+        task.await.expect("load task");
     }
     let mut outcome = std::mem::take(&mut *results.lock().expect("results lock"));
     outcome.first_sent = Some(first);
