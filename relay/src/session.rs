@@ -96,7 +96,8 @@ impl Bounce {
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     jid: Sender,
-    /// Bounds a job's whole stay in the session (a room join, then the ack).
+    /// Bounds each stage of a job's stay in the session: until its stanza
+    /// goes out (after a room join, if any), then until the server acks it.
     ack_timeout: Duration,
     jobs: mpsc::Sender<Outgoing>,
     online: watch::Receiver<bool>,
@@ -151,7 +152,7 @@ impl SessionHandle {
         let in_flight = match tokio::time::timeout(self.ack_timeout, sent).await {
             Ok(Ok(sent)) => sent?,
             Ok(Err(_)) => return Err(DeliveryError::Transient(format!("XMPP session of {} dropped the job", self.jid))),
-            Err(_) => return Err(DeliveryError::Transient(format!("not sent within {:?} (waiting for a room join)", self.ack_timeout))),
+            Err(_) => return Err(DeliveryError::Transient(format!("not sent within {:?} (waiting for the session or a room join)", self.ack_timeout))),
         };
         tokio::time::timeout(self.ack_timeout, confirmed(in_flight))
             .await
