@@ -100,6 +100,12 @@ storage = "internal"
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = false
 c2s_stanza_size_limit = 512 * 1024
+-- Nagle's algorithm off on Prosody's sockets, as the README recommends: with
+-- it on, a stanza to a client whose kernel delays its ACK waits for that ACK
+-- (measured: 15-20 ms at p90 for a direct client at 1,000 msg/s).
+network_settings = {{ nagle = false }}
+-- HERALD_TEST_PROSODY_EXTRA: more global settings (they override the above).
+{extra}
 admins = {{ "{ROOM_ADMIN}@{DOMAIN}" }}
 {ssl}
 VirtualHost "{DOMAIN}"
@@ -118,6 +124,7 @@ Component "{ROOMS}" "muc"
             },
             user = current_user(),
             port = self.port,
+            extra = std::env::var("HERALD_TEST_PROSODY_EXTRA").unwrap_or_default(),
         )
     }
 
