@@ -27,6 +27,9 @@ authentication = "internal_hashed"
 storage = "internal"
 c2s_require_encryption = true
 allow_unencrypted_plain_auth = false
+-- Send each stanza at once instead of holding it (Nagle's algorithm) until the
+-- client acks the previous one: see "The XMPP server" in the README.
+network_settings = { nagle = false }
 
 -- Made by the entrypoint, signed by the demo CA in /certs/ca.pem.
 VirtualHost "localhost"
