@@ -29,7 +29,9 @@ impl Herald {
     /// Writes the users file (the sender's JID may post) and the accounts
     /// file (the relay sends as the sender).
     pub fn configure(broker: &Broker, prosody: &Prosody, sender: &XmppAccount) -> Self {
-        let dir = tempfile::Builder::new().prefix("herald-bench-").tempdir().expect("tempdir");
+        let mut dir = tempfile::Builder::new().prefix("herald-bench-").tempdir().expect("tempdir");
+        // As for the tests' Prosody: HERALD_TEST_KEEP=1 keeps the services' logs.
+        dir.disable_cleanup(std::env::var_os("HERALD_TEST_KEEP").is_some());
         let http_password = format!("bench-{}", uuid::Uuid::new_v4().simple());
         let users = dir.path().join("users.toml");
         let accounts = dir.path().join("accounts.toml");

@@ -143,7 +143,10 @@ async fn main() {
 
     let rss_ingress_kib = herald.ingress_pid().and_then(machine::peak_rss_kib);
     let rss_relay_kib = herald.relay_pid().and_then(machine::peak_rss_kib);
-    progress(&format!("stopping; service logs were in {}", herald.log("").parent().map(|p| p.display().to_string()).unwrap_or_default()));
+    progress(&format!(
+        "stopping; service logs in {} (kept with HERALD_TEST_KEEP=1)",
+        herald.log("").parent().map(|p| p.display().to_string()).unwrap_or_default()
+    ));
     herald.stop(&broker).await;
     drop(arrivals);
     drop(prosody);
