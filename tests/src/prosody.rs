@@ -12,6 +12,13 @@ pub const ROOMS: &str = "rooms.localhost";
 /// The one account allowed to create rooms (see `Prosody::room_admin`).
 const ROOM_ADMIN: &str = "room-admin";
 
+/// Global settings added to every generated config, from
+/// `HERALD_TEST_PROSODY_EXTRA` (empty when unset): to measure or test other
+/// Prosody settings without editing the harness.
+pub fn extra_config() -> String {
+    std::env::var("HERALD_TEST_PROSODY_EXTRA").unwrap_or_default()
+}
+
 /// An account on the test server.
 #[derive(Debug, Clone)]
 pub struct XmppAccount {
@@ -124,7 +131,7 @@ Component "{ROOMS}" "muc"
             },
             user = current_user(),
             port = self.port,
-            extra = std::env::var("HERALD_TEST_PROSODY_EXTRA").unwrap_or_default(),
+            extra = extra_config(),
         )
     }
 

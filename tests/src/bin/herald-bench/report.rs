@@ -101,6 +101,12 @@ pub fn print(r: &Results) {
         r.wall.as_secs_f64(),
         r.build.as_secs_f64()
     );
+    let prosody_extra = herald_tests::prosody::extra_config();
+    if prosody_extra.trim().is_empty() {
+        println!("Prosody: the harness's configuration (Nagle's algorithm off, as the README recommends).\n");
+    } else {
+        println!("Prosody: the harness's configuration (Nagle's algorithm off), then `{}`.\n", prosody_extra.trim());
+    }
     for (service, extra) in [("herald-ingress", &r.options.ingress_env), ("herald-relay", &r.options.relay_env)] {
         if !extra.is_empty() {
             let settings: Vec<String> = extra.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
