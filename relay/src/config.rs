@@ -73,7 +73,7 @@ pub struct Config {
 
     /// Delays between delivery attempts after a transient failure; after the
     /// last one the job is parked in `<prefix>.dead`.
-    #[arg(long, env = "HERALD_RETRY_DELAYS", default_value = "1s,5s,30s,2m,10m", value_parser = parse_delays)]
+    #[arg(long, env = "HERALD_RETRY_DELAYS", default_value = DEFAULT_RETRY_DELAYS, value_parser = parse_delays)]
     pub retry_delays: Delays,
 
     /// How long to wait for the XMPP server to acknowledge a stanza.
@@ -95,9 +95,19 @@ pub struct Config {
     pub idempotency_window: Duration,
 }
 
+/// `HERALD_RETRY_DELAYS` when it is not set.
+pub const DEFAULT_RETRY_DELAYS: &str = "1s,5s,30s,2m,10m";
+
 /// The retry schedule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delays(pub Vec<Duration>);
+
+impl Default for Delays {
+    /// The schedule of `DEFAULT_RETRY_DELAYS`.
+    fn default() -> Self {
+        parse_delays(DEFAULT_RETRY_DELAYS).expect("the default retry delays parse")
+    }
+}
 
 fn parse_delays(text: &str) -> Result<Delays, String> {
     let delays = text
@@ -122,5 +132,7 @@ mod tests {
         assert_eq!(parse_delays("").expect("ok").0, Vec::<Duration>::new());
         assert!(parse_delays("0s").is_err());
         assert!(parse_delays("soon").is_err());
+        // The README documents this default.
+        assert_eq!(Delays::default().0, [1, 5, 30, 120, 600].map(Duration::from_secs));
     }
 }

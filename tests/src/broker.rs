@@ -89,7 +89,15 @@ impl Broker {
         drop(confirm);
     }
 
-    /// Deletes this test's exchange and queues.
+    /// Deletes this test's exchange and queues, after a real `herald-relay`
+    /// binary ran with the default `HERALD_RETRY_DELAYS` (whose delay queues
+    /// it declared).
+    pub async fn cleanup_after_default_relay(&self) {
+        self.cleanup(&herald_relay::config::Delays::default().0).await;
+    }
+
+    /// Deletes this test's exchange and queues: the work and dead queues, and
+    /// the delay queues of `retry_delays`.
     pub async fn cleanup(&self, retry_delays: &[Duration]) {
         let t = self.topology();
         let mut queues = vec![t.work_queue(), t.dead_queue()];

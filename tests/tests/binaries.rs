@@ -52,7 +52,7 @@ async fn the_binaries_deliver_a_message_and_stop_cleanly_on_sigterm() {
 
     assert!(ingress.terminate(Duration::from_secs(30)).await, "ingress exits 0 on SIGTERM");
     assert!(relay.terminate(Duration::from_secs(30)).await, "relay exits 0 on SIGTERM");
-    broker.cleanup(&[]).await;
+    broker.cleanup_after_default_relay().await;
 }
 
 #[test]

@@ -65,7 +65,7 @@ async fn the_relay_verifies_the_servers_certificate_and_trusts_a_private_ca_when
     assert_eq!(m.body, "over TLS");
     assert!(relay.terminate(DEADLINE).await);
     assert!(ingress.terminate(DEADLINE).await);
-    broker.cleanup(&[]).await;
+    broker.cleanup_after_default_relay().await;
 }
 
 /// Terminates TLS with the certificate in `dir` (`make_certificates`) and
@@ -136,6 +136,5 @@ async fn amqps_works_with_a_private_ca_and_only_with_it() {
     let m = rx.next(DEADLINE).await.expect("the relay consumed it over amqps and delivered it");
     assert_eq!(m.body, "over amqps");
     assert!(relay.terminate(DEADLINE).await && ingress.terminate(DEADLINE).await, "both stop on SIGTERM");
-    // The relay's default retry delays, whose queues it declared.
-    broker.cleanup(&[1, 5, 30, 120, 600].map(Duration::from_secs)).await;
+    broker.cleanup_after_default_relay().await;
 }

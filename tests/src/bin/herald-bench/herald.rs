@@ -8,11 +8,6 @@ use lapin::options::QueuePurgeOptions;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The relay's default `HERALD_RETRY_DELAYS` (1s,5s,30s,2m,10m): the delay
-/// queues it declares, deleted after the run.
-pub const RELAY_RETRY_DELAYS: [Duration; 5] =
-    [Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30), Duration::from_secs(120), Duration::from_secs(600)];
-
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -86,7 +81,7 @@ impl Herald {
         for service in [self.relay.take(), self.ingress.take()].into_iter().flatten() {
             service.terminate(STOP_TIMEOUT).await;
         }
-        broker.cleanup(&RELAY_RETRY_DELAYS).await;
+        broker.cleanup_after_default_relay().await;
     }
 }
 
