@@ -12,6 +12,12 @@ pub mod prosody;
 pub mod receiver;
 pub mod stack;
 
+/// `HERALD_TEST_KEEP=1`: keep the temporary directories (Prosody's config
+/// and log, the bench's service logs) for a post-mortem.
+pub fn keep_files() -> bool {
+    std::env::var_os("HERALD_TEST_KEEP").is_some()
+}
+
 pub use broker::Broker;
 pub use prosody::{Prosody, XmppAccount};
 pub use receiver::Receiver;

@@ -57,8 +57,7 @@ impl Prosody {
         let prosody = which("prosody");
         which("prosodyctl");
         let mut dir = tempfile::Builder::new().prefix("herald-prosody-").tempdir().expect("tempdir");
-        // HERALD_TEST_KEEP=1 keeps the server's config and log for a post-mortem.
-        if std::env::var_os("HERALD_TEST_KEEP").is_some() {
+        if crate::keep_files() {
             dir.disable_cleanup(true);
             eprintln!("keeping Prosody's directory {}", dir.path().display());
         }

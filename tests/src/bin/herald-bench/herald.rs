@@ -25,8 +25,7 @@ impl Herald {
     /// file (the relay sends as the sender).
     pub fn configure(broker: &Broker, prosody: &Prosody, sender: &XmppAccount) -> Self {
         let mut dir = tempfile::Builder::new().prefix("herald-bench-").tempdir().expect("tempdir");
-        // As for the tests' Prosody: HERALD_TEST_KEEP=1 keeps the services' logs.
-        dir.disable_cleanup(std::env::var_os("HERALD_TEST_KEEP").is_some());
+        dir.disable_cleanup(herald_tests::keep_files());
         let http_password = format!("bench-{}", uuid::Uuid::new_v4().simple());
         let users = dir.path().join("users.toml");
         let accounts = dir.path().join("accounts.toml");

@@ -130,7 +130,7 @@ impl CpuMeter {
 }
 
 /// The group whose run-queue wait is reported, and the column it goes in.
-const SERVER: &str = "prosody";
+pub const SERVER: &str = "prosody";
 const SERVER_WAIT: &str = "prosody ready but waiting for a CPU";
 
 fn server_wait_ns(watched: &[Watched]) -> u64 {

@@ -181,7 +181,7 @@ fn watched(prosody: &Prosody, herald: Option<&Herald>) -> Vec<Watched> {
         Watched { name: "bench (load + receiver)", pids: vec![std::process::id()] },
         Watched { name: "herald-ingress", pids: service(herald.and_then(Herald::ingress_pid)) },
         Watched { name: "herald-relay", pids: service(herald.and_then(Herald::relay_pid)) },
-        Watched { name: "prosody", pids: machine::pids_matching(&prosody_dir) },
+        Watched { name: machine::SERVER, pids: machine::pids_matching(&prosody_dir) },
         Watched { name: "rabbitmq", pids: machine::pids_matching("beam.smp") },
     ]
 }
