@@ -67,25 +67,26 @@ pub async fn burst(
 }
 
 /// What arrived of what was accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tally {
     pub sent: usize,
     pub delivered: usize,
     pub duplicates: usize,
     pub lost: usize,
-    /// Arrived with a body other than the one accepted under its id.
-    pub altered: usize,
+    /// What arrived with an id that was not accepted, or with a body other
+    /// than the one accepted under its id (kept whole, for the failure).
+    pub altered: Vec<Received>,
 }
 
 impl Tally {
     pub fn of(sent: &Sent, received: &[Received]) -> Self {
         let mut seen: HashMap<&str, usize> = HashMap::new();
-        let mut altered = 0;
+        let mut altered = Vec::new();
         for m in received {
             let id = m.id.as_deref().unwrap_or("");
             match sent.accepted.get(id) {
                 Some(body) if *body == m.body => *seen.entry(id).or_default() += 1,
-                _ => altered += 1,
+                _ => altered.push(m.clone()),
             }
         }
         let delivered = seen.len();
@@ -102,7 +103,11 @@ impl Tally {
     pub fn report(&self, fault: &str) -> String {
         format!(
             "FAULT {fault}: sent {} delivered {} duplicated {} lost {} altered {}",
-            self.sent, self.delivered, self.duplicates, self.lost, self.altered
+            self.sent,
+            self.delivered,
+            self.duplicates,
+            self.lost,
+            self.altered.len()
         )
     }
 }

@@ -1,8 +1,9 @@
 //! A TCP proxy between the services and a server (the broker), so that a
 //! test can cut and restore the link without touching the shared broker.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -11,6 +12,8 @@ pub struct Proxy {
     /// `true` while the link is cut.
     cut: watch::Sender<bool>,
     refusing: Arc<AtomicBool>,
+    /// Connections accepted and not yet closed.
+    open: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -22,26 +25,32 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         let (cut, cut_rx) = watch::channel(false);
         let refusing = Arc::new(AtomicBool::new(false));
-        let refusing_accept = Arc::clone(&refusing);
+        let open = Arc::new(AtomicUsize::new(0));
+        let (refusing_accept, open_accept) = (Arc::clone(&refusing), Arc::clone(&open));
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                // Counted before `refusing` is read, and `cut` sets `refusing`
+                // before it reads the count: either `cut` waits for this
+                // connection or this connection sees the cut.
+                let guard = OpenConnection::new(&open_accept);
                 if refusing_accept.load(Ordering::SeqCst) {
-                    drop(client);
                     continue;
                 }
                 let (upstream, mut cut_rx) = (upstream.clone(), cut_rx.clone());
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let Ok(server) = TcpStream::connect(&upstream).await else { return };
                     let (mut client, mut server) = (client, server);
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        biased;
                         _ = cut_rx.wait_for(|cut| *cut) => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                     }
                     // Dropping both ends resets the link mid-stream.
                 });
             }
         });
-        Self { port, cut, refusing, task }
+        Self { port, cut, refusing, open, task }
     }
 
     /// `amqp://…` URL `url` with its host and port replaced by this proxy.
@@ -52,10 +61,16 @@ impl Proxy {
         format!("{scheme}://{credentials}127.0.0.1:{}{path}", self.port)
     }
 
-    /// Drops every open connection and refuses new ones.
-    pub fn cut(&self) {
+    /// Drops every open connection and refuses new ones; returns once
+    /// every connection is closed, so that nothing sent afterwards can still
+    /// get through.
+    pub async fn cut(&self) {
         self.refusing.store(true, Ordering::SeqCst);
         self.cut.send_replace(true);
+        crate::poll::until("the proxy's connections to close", Duration::from_secs(10), || async {
+            (self.open.load(Ordering::SeqCst) == 0).then_some(())
+        })
+        .await;
     }
 
     /// Accepts connections again.
@@ -68,6 +83,22 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -163,7 +163,7 @@ impl Fixture {
 fn report(fault: &str, tally: &Tally) {
     // Collected for the README's table: cargo nextest run … --no-capture.
     println!("{}", tally.report(fault));
-    assert_eq!(tally.altered, 0, "{fault}: messages arrived altered: {tally:?}");
+    assert!(tally.altered.is_empty(), "{fault}: messages arrived altered: {tally:#?}");
     assert_eq!(tally.lost, 0, "{fault}: messages lost: {tally:?}");
 }
 
@@ -241,7 +241,7 @@ async fn a_cut_broker_link_is_503_never_202_and_heals_without_restart() {
     let before = job_id(post("before the cut".into()).await.expect("post")).await;
     sent.accepted.insert(before, "before the cut".into());
 
-    proxy.cut();
+    proxy.cut().await;
     for i in 0..20 {
         let response = post(format!("during the cut {i}")).await.expect("the ingress answers");
         assert_eq!(response.status(), 503, "no 2xx without a confirm");
