@@ -205,11 +205,19 @@ async fn end_to_end(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Opt
     let load = http_load::closed_loop(Arc::clone(target), options.concurrency, Limit::Messages(options.e2e_messages)).await;
     let matched = arrivals.wait_for(&load.ids(), options.idle_timeout).await;
     let first = load.first_sent.expect("the load ran");
-    let elapsed = matched.last().map_or(Duration::ZERO, |last| last.duration_since(first));
+    let last = matched.last().unwrap_or(first);
+    let last_answer = load.accepted.iter().map(|a| a.answered).max().unwrap_or(first);
     if options.timeline {
         print_timeline(first, &load, &matched);
     }
-    EndToEnd { delivered: matched.arrived.len(), duplicates: matched.duplicates, elapsed, load }
+    EndToEnd {
+        delivered: matched.arrived.len(),
+        duplicates: matched.duplicates,
+        elapsed: last.duration_since(first),
+        drained: matched.arrived.values().filter(|at| **at > last_answer).count(),
+        drain_elapsed: last.saturating_duration_since(last_answer),
+        load,
+    }
 }
 
 async fn paced(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Options) -> Paced {

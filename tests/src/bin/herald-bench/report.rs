@@ -23,13 +23,25 @@ pub struct EndToEnd {
     pub duplicates: usize,
     /// From the first POST to the last message at the receiver.
     pub elapsed: Duration,
+    /// Arrivals after the last POST was answered, and the time from that
+    /// answer to the last arrival: the backlog draining with the ingress idle.
+    pub drained: usize,
+    pub drain_elapsed: Duration,
 }
 
 impl EndToEnd {
     pub fn rate(&self) -> f64 {
         crate::stats::rate(self.delivered, self.elapsed)
     }
+
+    /// `None` when too little was left to drain for a rate to mean anything.
+    pub fn drain_rate(&self) -> Option<f64> {
+        (self.drained >= MIN_DRAINED).then(|| crate::stats::rate(self.drained, self.drain_elapsed))
+    }
 }
+
+/// Fewer arrivals than this after the POSTs stop: delivery kept up.
+const MIN_DRAINED: usize = 1000;
 
 /// The fixed-rate run.
 #[derive(Debug)]
@@ -233,6 +245,7 @@ fn e2e_rows(r: &Results) -> Vec<Row> {
             target: format!("≥ {}", percent(MIN_E2E_RATIO)),
             verdict: verdict(ratio >= MIN_E2E_RATIO && lost == 0),
         },
+        drain_row(r),
         Row {
             what: format!(
                 "end to end latency at {} msg/s offered for {:.0} s, open loop, from the *scheduled* send instant to receipt",
@@ -251,6 +264,28 @@ fn e2e_rows(r: &Results) -> Vec<Row> {
             format!("{}; {:.0} sends/s", summary(p.send_lag), p.achieved_rate),
         ),
     ]
+}
+
+/// How fast a backlog drains once the POSTs stop: informative, no target.
+fn drain_row(r: &Results) -> Row {
+    let drains: Vec<Option<f64>> = r.e2e.iter().map(EndToEnd::drain_rate).collect();
+    let what = "  in those runs: the backlog draining, messages per second at the receiver from the last POST's 202 to the last receipt".into();
+    if drains.iter().any(Option::is_none) {
+        return Row::info(what, format!("delivery kept up (fewer than {MIN_DRAINED} left to drain in a round)"));
+    }
+    let rates: Vec<f64> = drains.into_iter().flatten().collect();
+    let ratios: Vec<f64> = rates.iter().zip(&r.xmpp).map(|(d, x)| d / x.rate().max(1e-9)).collect();
+    Row {
+        result: format!(
+            "{:.0} msg/s (median of {}; {} messages left to drain a round)",
+            median(rates.iter().copied()),
+            rounds(rates.iter().copied()),
+            rounds(r.e2e.iter().map(|e| e.drained as f64)),
+        ),
+        ceiling: format!("{:.0} msg/s", median(r.xmpp.iter().map(Direct::rate))),
+        ratio: format!("{} (median of {})", percent(median(ratios.iter().copied())), percents(&ratios)),
+        ..Row::info(what, String::new())
+    }
 }
 
 fn rss_row(what: &str, kib: Option<u64>) -> Row {
