@@ -40,8 +40,9 @@ pub struct Authenticator {
     mac_key: [u8; 32],
     cache: Mutex<HashMap<CacheKey, (Sender, Instant)>>,
     throttle: Throttle,
-    /// Bounds the argon2 checks running at once.
-    verifying: Semaphore,
+    /// Bounds the argon2 checks running at once; a permit lives as long as
+    /// its check, even when the client that asked has gone.
+    verifying: Arc<Semaphore>,
 }
 
 impl Authenticator {
@@ -53,7 +54,7 @@ impl Authenticator {
             mac_key: rand::random(),
             cache: Mutex::new(HashMap::new()),
             throttle: Throttle::new(free_failures),
-            verifying: Semaphore::new(parallel),
+            verifying: Arc::new(Semaphore::new(parallel)),
         }
     }
 
@@ -62,8 +63,10 @@ impl Authenticator {
     pub async fn authenticate(self: &Arc<Self>, headers: &HeaderMap, client: IpAddr) -> Result<User, Error> {
         let (jid_text, password) = basic_credentials(headers).ok_or(Error::Unauthorized)?;
         let Ok(jid) = Sender::parse(&jid_text) else {
-            tracing::info!(%client, user = %jid_text, "login refused: user name is not a bare JID");
-            self.throttle.failed(client, &jid_text);
+            // Counted against the address only: an account table keyed by
+            // whatever text a client sends would be the client's to grow.
+            tracing::info!(%client, user = ?shown(&jid_text), "login refused: user name is not a bare JID");
+            self.throttle.failed_address(client);
             return Err(Error::Unauthorized);
         };
         let key = self.cache_key(&jid, &password);
@@ -75,24 +78,36 @@ impl Authenticator {
             tracing::info!(%client, user = %jid, "login refused: too many failed logins");
             return Err(Error::TooManyAttempts(wait.as_secs().max(1)));
         }
-        let permit = self.verifying.acquire().await.map_err(|e| Error::Internal(e.to_string()))?;
+        let permit = Arc::clone(&self.verifying).acquire_owned().await.map_err(|e| Error::Internal(e.to_string()))?;
+        // The check, its permit and its bookkeeping run to the end on the
+        // blocking pool even if the request is dropped (a client that hangs
+        // up mid-check): otherwise hanging up would free the permit while
+        // argon2 still runs, and skip the failure count.
         let this = Arc::clone(self);
-        let verified_jid = jid.clone();
-        let ok = tokio::task::spawn_blocking(move || this.verify(&verified_jid, &password))
-            .await
-            .map_err(|e| Error::Internal(format!("password check panicked: {e}")))?;
-        drop(permit);
-        match (ok, self.users.get(&jid)) {
-            (true, Some(user)) => {
-                self.throttle.succeeded(client, &account);
-                self.remember(key, jid);
-                Ok(user.clone())
-            }
-            _ => {
-                tracing::info!(%client, user = %jid, "login refused: wrong user or password");
-                self.throttle.failed(client, &account);
-                Err(Error::Unauthorized)
-            }
+        let checked_jid = jid.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            this.check_password(client, checked_jid, &password, key)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("password check panicked: {e}")))?;
+        match self.users.get(&jid) {
+            Some(user) if ok => Ok(user.clone()),
+            _ => Err(Error::Unauthorized),
+        }
+    }
+
+    /// argon2, then the throttle's and the cache's bookkeeping.
+    fn check_password(&self, client: IpAddr, jid: Sender, password: &str, key: CacheKey) -> bool {
+        let account = jid.to_string();
+        if self.verify(&jid, password) {
+            self.throttle.succeeded(client, &account);
+            self.remember(key, jid);
+            true
+        } else {
+            tracing::info!(%client, user = %jid, "login refused: wrong user or password");
+            self.throttle.failed(client, &account);
+            false
         }
     }
 
@@ -115,18 +130,34 @@ impl Authenticator {
     }
 
     fn cached(&self, key: &CacheKey, jid: &Sender) -> bool {
+        self.cached_at(key, jid, Instant::now())
+    }
+
+    /// A hit keeps the entry for another `ttl`: a client that comes back
+    /// within it never needs argon2 again, so it can never be locked out
+    /// by someone guessing its account's password.
+    fn cached_at(&self, key: &CacheKey, jid: &Sender, now: Instant) -> bool {
         if self.ttl.is_zero() {
             return false;
         }
-        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        matches!(cache.get(key), Some((cached_jid, expires)) if cached_jid == jid && *expires > Instant::now())
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get_mut(key) {
+            Some((cached_jid, expires)) if cached_jid == jid && *expires > now => {
+                *expires = now + self.ttl;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn remember(&self, key: CacheKey, jid: Sender) {
+        self.remember_at(key, jid, Instant::now());
+    }
+
+    fn remember_at(&self, key: CacheKey, jid: Sender, now: Instant) {
         if self.ttl.is_zero() {
             return;
         }
-        let now = Instant::now();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHE_CAPACITY {
             cache.retain(|_, (_, expires)| *expires > now);
@@ -136,6 +167,11 @@ impl Authenticator {
         }
         cache.insert(key, (jid, now + self.ttl));
     }
+}
+
+/// A client-chosen user name as logged: at most 64 characters.
+fn shown(text: &str) -> &str {
+    text.char_indices().nth(64).map_or(text, |(end, _)| &text[..end])
 }
 
 /// `Authorization: Basic base64(user:password)`; `None` if absent or malformed.
@@ -214,6 +250,60 @@ mod tests {
         let other: IpAddr = "203.0.113.1".parse().expect("ip");
         assert!(matches!(auth.authenticate(&basic("a@example.com", "right?"), other).await, Err(Error::TooManyAttempts(_))), "the account is locked");
         auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT).await.expect("the cached script is not locked out");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_hangs_up_mid_check_still_counts_and_holds_its_permit() {
+        let auth = authenticator(Duration::from_secs(60));
+        let guesser: IpAddr = "198.51.100.10".parse().expect("ip");
+        let parallel = auth.verifying.available_permits();
+        for _ in 0..6 {
+            // `timeout` polls the check once (it reaches argon2 on the
+            // blocking pool), then drops it: a client hanging up.
+            let dropped = tokio::time::timeout(Duration::ZERO, auth.authenticate(&basic("a@example.com", "guess"), guesser)).await;
+            assert!(dropped.is_err(), "the check was still running");
+            assert!(auth.verifying.available_permits() < parallel, "argon2 still holds its permit");
+            let settled = std::time::Instant::now() + Duration::from_secs(10);
+            while auth.verifying.available_permits() < parallel {
+                assert!(std::time::Instant::now() < settled, "the abandoned check finished");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        // Six failures counted, though no request waited for its answer.
+        assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::TooManyAttempts(_))));
+    }
+
+    #[tokio::test]
+    async fn a_user_name_that_is_not_a_jid_counts_against_the_address_only() {
+        let auth = authenticator(Duration::from_secs(60));
+        let guesser: IpAddr = "198.51.100.11".parse().expect("ip");
+        let long = "x".repeat(100_000);
+        for _ in 0..6 {
+            assert!(matches!(auth.authenticate(&basic(&long, "guess"), guesser).await, Err(Error::Unauthorized)));
+        }
+        assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::TooManyAttempts(_))), "the address is locked");
+        let other: IpAddr = "203.0.113.2".parse().expect("ip");
+        auth.authenticate(&basic("a@example.com", "s3cret:with colon"), other).await.expect("no account was locked");
+        assert_eq!(shown(&long).len(), 64);
+        assert_eq!(shown("é".repeat(70).as_str()).chars().count(), 64);
+    }
+
+    #[test]
+    fn a_cached_login_lasts_while_it_is_used() {
+        let ttl = Duration::from_secs(300);
+        let auth = authenticator(ttl);
+        let jid = Sender::parse("a@example.com").expect("jid");
+        let key = auth.cache_key(&jid, "s3cret:with colon");
+        let start = Instant::now();
+        auth.remember_at(key, jid.clone(), start);
+        // Used every 200 s, it outlives the first 300 s many times over.
+        for step in 1..=10u32 {
+            assert!(auth.cached_at(&key, &jid, start + Duration::from_secs(200) * step), "still cached at step {step}");
+        }
+        // Unused for a whole TTL, it is gone.
+        assert!(!auth.cached_at(&key, &jid, start + Duration::from_secs(2000) + ttl));
+        let other = Sender::parse("b@example.com").expect("jid");
+        assert!(!auth.cached_at(&key, &other, start), "the entry answers only for its own user");
     }
 
     #[tokio::test]

@@ -66,7 +66,7 @@ pub struct Config {
 
     /// How long a successful password check is remembered, in seconds (0
     /// turns the cache off and runs argon2 on every request).
-    #[arg(long, env = "HERALD_AUTH_CACHE_SECONDS", default_value_t = 300)]
+    #[arg(long, env = "HERALD_AUTH_CACHE_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub auth_cache_seconds: u64,
 
     /// How long a request's Idempotency-Key (or a notification's group,

@@ -11,7 +11,7 @@
 //! password.
 
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -84,31 +84,43 @@ pub fn lockout(failures: u32, free_failures: u32) -> Duration {
 pub struct Throttle {
     free_failures: u32,
     addresses: Table<IpAddr>,
-    accounts: Table<String>,
+    /// Keyed by a randomly keyed 64-bit hash of the account name, so that a
+    /// record's size does not depend on how long a name a client sends.
+    accounts: Table<u64>,
+    account_hasher: RandomState,
 }
 
 impl Throttle {
     pub fn new(free_failures: u32) -> Self {
-        Self { free_failures, addresses: Table::new(), accounts: Table::new() }
+        Self { free_failures, addresses: Table::new(), accounts: Table::new(), account_hasher: RandomState::new() }
     }
 
     /// How long this address or account must still wait, if at all.
     pub fn check(&self, address: IpAddr, account: &str) -> Option<Duration> {
         let now = Instant::now();
         let by_address = self.addresses.locked_for(&address, now);
-        let by_account = self.accounts.locked_for(&account.to_owned(), now);
+        let by_account = self.accounts.locked_for(&self.account_key(account), now);
         by_address.max(by_account)
     }
 
     pub fn failed(&self, address: IpAddr, account: &str) {
         let now = Instant::now();
         self.addresses.fail(address, now, self.free_failures);
-        self.accounts.fail(account.to_owned(), now, self.free_failures);
+        self.accounts.fail(self.account_key(account), now, self.free_failures);
+    }
+
+    /// A failure that names no account (a user name that is not a JID).
+    pub fn failed_address(&self, address: IpAddr) {
+        self.addresses.fail(address, Instant::now(), self.free_failures);
     }
 
     pub fn succeeded(&self, address: IpAddr, account: &str) {
         self.addresses.forget(&address);
-        self.accounts.forget(&account.to_owned());
+        self.accounts.forget(&self.account_key(account));
+    }
+
+    fn account_key(&self, account: &str) -> u64 {
+        self.account_hasher.hash_one(account)
     }
 }
 
