@@ -39,8 +39,8 @@ impl Source {
 #[derive(Debug)]
 pub struct Rendered {
     pub text: String,
-    /// Source, group key, status and the alerts' fingerprints, when the
-    /// notification has a group key.
+    /// Source and a digest of the group key, the status and each alert's
+    /// fingerprint, status and start, when the notification has a group key.
     pub key: Option<String>,
 }
 
@@ -71,6 +71,8 @@ struct AlertShape {
     status: String,
     #[serde(default)]
     fingerprint: String,
+    #[serde(default, rename = "startsAt")]
+    starts_at: String,
     // Checked for their type (string → string) only.
     #[serde(default)]
     #[allow(dead_code)]
@@ -146,14 +148,23 @@ fn check(source: Source, shape: &Shape) -> Result<(), Error> {
     Ok(())
 }
 
-/// The same group, status and alerts: the same notification (Alertmanager
-/// sends it again at every `repeat_interval`, and each peer of an HA pair
-/// sends it once).
+/// The same group, status and alerts, each in the same state since the same
+/// start: the same notification (Alertmanager sends it again at every
+/// `repeat_interval`, and each peer of an HA pair sends it once). One alert
+/// of a firing group resolving, or resolving and firing again, is a new
+/// notification. A digest, so that a group of many alerts makes a short key.
 fn key(source: Source, shape: &Shape) -> Option<String> {
+    use blake2::digest::{consts::U32, Digest};
     let group = shape.group_key.as_deref().filter(|g| !g.is_empty())?;
-    let mut fingerprints: Vec<&str> = shape.alerts.iter().map(|a| a.fingerprint.as_str()).collect();
-    fingerprints.sort_unstable();
-    Some(format!("{}:{group}:{}:{}", source.name(), shape.status, fingerprints.join(",")))
+    let mut alerts: Vec<[&str; 3]> = shape.alerts.iter().map(|a| [a.fingerprint.as_str(), a.status.as_str(), a.starts_at.as_str()]).collect();
+    alerts.sort_unstable();
+    let mut digest = blake2::Blake2b::<U32>::new();
+    for part in [group, shape.status.as_str()].into_iter().chain(alerts.iter().flatten().copied()) {
+        // Length-prefixed, so that no two different lists hash alike.
+        digest.update((part.len() as u64).to_le_bytes());
+        digest.update(part.as_bytes());
+    }
+    Some(format!("{}:{:x}", source.name(), digest.finalize()))
 }
 
 /// Alertmanager's "new silence" page, filled with the group's labels.
@@ -205,13 +216,37 @@ mod tests {
     #[test]
     fn the_default_alertmanager_message_reads_well() {
         let rendered = templates().render(Source::Alertmanager, FIRING.as_bytes()).expect("renders");
-        assert_eq!(rendered.key.as_deref(), Some("alertmanager:{}:{alertname=\"HighLatency\"}:firing:a1,b2"));
+        assert!(rendered.key.as_deref().is_some_and(|k| k.starts_with("alertmanager:")), "{:?}", rendered.key);
         let text = rendered.text;
         let expected = "🔥 FIRING:1 HighLatency (job=api)\n\
             • HighLatency [critical]: p99 latency above 500 ms\n  api-1 answers in 730 ms\n  http://prom.example.com/graph?g0.expr=x\n\
             ✓ HighLatency [critical]: p99 latency above 500 ms\n\
             Silence: http://am.example.com:9093/#/silences/new?filter=%7Balertname%3D%22HighLatency%22%2Cjob%3D%22api%22%7D";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_notification_keys_itself_by_what_changed() {
+        let key = |payload: &str| templates().render(Source::Alertmanager, payload.as_bytes()).expect("renders").key.expect("key");
+        let first = key(FIRING);
+        assert_eq!(key(FIRING), first, "a repeat (HA peer, repeat_interval) is the same notification");
+        let reordered = FIRING.replacen(r#""fingerprint": "a1""#, r#""fingerprint": "TMP""#, 1).replacen(r#""fingerprint": "b2""#, r#""fingerprint": "a1""#, 1);
+        assert_ne!(key(&reordered), first, "other alerts");
+        // The group stays firing while one of its alerts resolves, or
+        // resolves and fires again: each is news.
+        let a1_resolved = FIRING.replacen(r#"{"status": "firing", "labels""#, r#"{"status": "resolved", "labels""#, 1);
+        assert_ne!(key(&a1_resolved), first);
+        let b2_refired = FIRING
+            .replacen(r#"{"status": "resolved", "labels""#, r#"{"status": "firing", "labels""#, 1)
+            .replacen("2026-11-25T09:00:00Z", "2026-11-25T10:05:00Z", 1);
+        let b2_firing_again = FIRING.replacen(r#"{"status": "resolved", "labels""#, r#"{"status": "firing", "labels""#, 1);
+        assert_ne!(key(&b2_refired), key(&b2_firing_again), "a new start is a new alert");
+        // endsAt moves with every evaluation of a firing alert: not part of the key.
+        let later_end = FIRING.replacen("2026-11-25T10:01:00Z", "2026-11-25T10:09:00Z", 1);
+        assert_ne!(later_end, FIRING);
+        assert_eq!(key(&later_end), first);
+        let other_group = FIRING.replacen(r#""groupKey": "{}:{alertname=\"HighLatency\"}""#, r#""groupKey": "{}:{alertname=\"Other\"}""#, 1);
+        assert_ne!(key(&other_group), first);
     }
 
     #[test]

@@ -32,23 +32,36 @@ pub fn key_from(headers: &axum::http::HeaderMap) -> Result<Option<String>, Error
 }
 
 /// The keys this process accepted within the window, with their answers.
+///
+/// A repeat is the same user, key *and recipients*: the same notification
+/// posted to two routes (two `webhook_configs` of one Alertmanager
+/// receiver), or a key reused for other recipients, is a new request. Its
+/// jobs for recipients in common still get the ids of the first request's,
+/// so the relay sends those once.
 #[derive(Debug)]
-pub struct Accepted(Recently<(Sender, String), Vec<AcceptedJob>>);
+pub struct Accepted(Recently<(Sender, String, Vec<String>), Vec<AcceptedJob>>);
 
 impl Accepted {
     pub fn new(window: Duration) -> Self {
         Self(Recently::new(window, CAPACITY))
     }
 
-    /// The answer given to `user`'s earlier request with `key`, if within the window.
-    pub fn get(&self, user: &Sender, key: &str) -> Option<Vec<AcceptedJob>> {
-        self.0.get(&(user.clone(), key.to_owned()))
+    /// The answer given to `user`'s earlier request with `key` to
+    /// `recipients` (in any order), if within the window.
+    pub fn get(&self, user: &Sender, key: &str, recipients: &[String]) -> Option<Vec<AcceptedJob>> {
+        self.0.get(&entry(user, key, recipients))
     }
 
     /// Remembers the answer to a request the broker confirmed.
-    pub fn put(&self, user: &Sender, key: &str, jobs: Vec<AcceptedJob>) {
-        self.0.insert((user.clone(), key.to_owned()), jobs);
+    pub fn put(&self, user: &Sender, key: &str, recipients: &[String], jobs: Vec<AcceptedJob>) {
+        self.0.insert(entry(user, key, recipients), jobs);
     }
+}
+
+fn entry(user: &Sender, key: &str, recipients: &[String]) -> (Sender, String, Vec<String>) {
+    let mut recipients = recipients.to_vec();
+    recipients.sort_unstable();
+    (user.clone(), key.to_owned(), recipients)
 }
 
 #[cfg(test)]
@@ -69,16 +82,20 @@ mod tests {
     }
 
     #[test]
-    fn answers_are_per_user_and_key_within_the_window() {
+    fn answers_are_per_user_key_and_recipients_within_the_window() {
         let accepted = Accepted::new(Duration::from_secs(3600));
         let (alice, bob) = (Sender::parse("alice@x").expect("jid"), Sender::parse("bob@x").expect("jid"));
         let job = AcceptedJob { id: uuid::Uuid::from_u128(7), to: "ops@x".into() };
-        accepted.put(&alice, "k", vec![job.clone()]);
-        assert_eq!(accepted.get(&alice, "k").map(|j| j[0].id), Some(job.id));
-        assert!(accepted.get(&bob, "k").is_none());
-        assert!(accepted.get(&alice, "other").is_none());
+        let both = ["ops@x".to_owned(), "dba@x".to_owned()];
+        accepted.put(&alice, "k", &both, vec![job.clone()]);
+        let reversed = ["dba@x".to_owned(), "ops@x".to_owned()];
+        assert_eq!(accepted.get(&alice, "k", &reversed).map(|j| j[0].id), Some(job.id), "the same recipients in another order");
+        assert!(accepted.get(&bob, "k", &both).is_none());
+        assert!(accepted.get(&alice, "other", &both).is_none());
+        assert!(accepted.get(&alice, "k", &both[..1]).is_none(), "other recipients: a new request");
         let forgetful = Accepted::new(Duration::ZERO);
-        forgetful.put(&alice, "k", vec![job]);
-        assert!(forgetful.get(&alice, "k").is_none());
+        forgetful.put(&alice, "k", &both, vec![job]);
+        assert!(forgetful.get(&alice, "k", &both).is_none());
     }
+
 }

@@ -154,11 +154,12 @@ async fn notification(
 /// and answers 202 once the broker confirmed every one. With an
 /// idempotency key, a repeat within the window gets the first answer.
 async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<String>) -> Result<Response, Error> {
-    if let Some(jobs) = key.as_deref().and_then(|key| state.idempotency.get(&user.jid, key)) {
+    let mut jobs = build_jobs(user, raw, state.max_body_bytes)?;
+    let recipients: Vec<String> = jobs.iter().map(job_recipient).collect();
+    if let Some(jobs) = key.as_deref().and_then(|key| state.idempotency.get(&user.jid, key, &recipients)) {
         tracing::debug!(user = %user.jid, "repeated idempotency key: the first answer, nothing published");
         return Ok((StatusCode::ACCEPTED, Json(Accepted { jobs })).into_response());
     }
-    let mut jobs = build_jobs(user, raw, state.max_body_bytes)?;
     if let Some(key) = &key {
         jobs = jobs
             .into_iter()
@@ -178,7 +179,7 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
     state.metrics.jobs_published.inc_by(jobs.len() as u64);
     let accepted: Vec<AcceptedJob> = jobs.iter().map(|job| AcceptedJob { id: job.id(), to: job_recipient(job) }).collect();
     if let Some(key) = &key {
-        state.idempotency.put(&user.jid, key, accepted.clone());
+        state.idempotency.put(&user.jid, key, &recipients, accepted.clone());
     }
     tracing::debug!(jobs = jobs.len(), user = %user.jid, "accepted");
     Ok((StatusCode::ACCEPTED, Json(Accepted { jobs: accepted })).into_response())

@@ -65,6 +65,40 @@ async fn the_same_alertmanager_notification_twice_is_delivered_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_alert_resolving_in_a_firing_group_and_a_second_route_are_new_notifications() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let (oncall, dba) = (stack.prosody.register("oncall"), stack.prosody.register("dba"));
+    let (mut rx_oncall, mut rx_dba) = (Receiver::connect(&stack.prosody, &oncall).await, Receiver::connect(&stack.prosody, &dba).await);
+    let post = |to: &str, payload: String| {
+        let path = format!("/alertmanager/{to}");
+        let stack = &stack;
+        async move { stack.post(&path, Some("application/json"), payload).await }
+    };
+    let first = ids(post(&oncall.jid, ALERTMANAGER.to_owned()).await).await;
+    assert!(rx_oncall.next(ARRIVAL).await.expect("the notification").body.starts_with("🔥 FIRING:2"));
+    // The same notification to a second route (another webhook_config of
+    // the same receiver) is that route's first.
+    let to_dba = ids(post(&dba.jid, ALERTMANAGER.to_owned()).await).await;
+    assert_ne!(to_dba, first);
+    assert!(rx_dba.next(ARRIVAL).await.expect("the notification for the second route").body.starts_with("🔥 FIRING:2"));
+    // db-9 recovers while db-7 still fires: the group stays "firing", the
+    // alerts and their fingerprints are the same, and it is news.
+    let db9 = r#""status": "firing",
+      "labels": {
+        "alertname": "PostgresReplicationLag",
+        "cluster": "db-eu",
+        "instance": "db-9:9187""#;
+    assert!(ALERTMANAGER.contains(db9), "the fixture has db-9 firing");
+    let db9_resolved = ALERTMANAGER.replacen(db9, &db9.replacen("firing", "resolved", 1), 1);
+    let update = ids(post(&oncall.jid, db9_resolved).await).await;
+    assert_ne!(update, first);
+    let m = rx_oncall.next(ARRIVAL).await.expect("the update");
+    assert!(m.body.starts_with("🔥 FIRING:1"), "{}", m.body);
+    assert!(rx_oncall.next(QUIET).await.is_none() && rx_dba.next(QUIET).await.is_none(), "each once");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_relay_sends_an_idempotent_job_once_even_when_queued_twice() {
     let stack = Stack::start(StackOptions::default()).await;
     let oncall = stack.prosody.register("oncall");
