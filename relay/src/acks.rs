@@ -11,7 +11,11 @@
 //!
 //! Requeues are sent at once, one by one, and mark the tag only after the
 //! broker took the nack, so a batch ack never covers a job that is still
-//! to be given back.
+//! to be given back. A requeued tag is no longer the broker's to ack: a
+//! batch ack names the highest finished tag that was not requeued (acking a
+//! tag the broker no longer holds, even with `multiple`, is "unknown
+//! delivery tag", which closes the channel and redelivers everything
+//! unacked on it).
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::Channel;
@@ -35,9 +39,31 @@ struct Finished {
     through: u64,
     /// Finished tags above `through`.
     ahead: BTreeSet<u64>,
+    /// Requeued tags above `settled`.
+    requeued: BTreeSet<u64>,
+    /// Every tag up to and including this one was acked or requeued.
+    settled: u64,
 }
 
 impl Finished {
+    /// Marks `tag`, given back to the queue; true if `through` moved.
+    fn mark_requeued(&mut self, tag: u64) -> bool {
+        self.requeued.insert(tag);
+        self.mark(tag)
+    }
+
+    /// The tag to ack with `multiple` to settle everything finished: the
+    /// highest finished tag above `settled` that was not requeued, if any.
+    /// Every tag above `settled` and below it that was not requeued is still
+    /// held by the broker, and is covered by that ack.
+    fn settle(&mut self) -> Option<u64> {
+        let newly: BTreeSet<u64> = self.requeued.range(..=self.through).copied().collect();
+        let tag = (self.settled + 1..=self.through).rev().find(|tag| !newly.contains(tag));
+        self.requeued.retain(|t| *t > self.through);
+        self.settled = self.through;
+        tag
+    }
+
     /// Marks `tag`; true if `through` moved.
     fn mark(&mut self, tag: u64) -> bool {
         if tag <= self.through {
@@ -70,7 +96,10 @@ impl Acks {
     /// Gives delivery `tag` back to the work queue now.
     pub async fn requeue(&self, tag: u64) -> Result<(), lapin::Error> {
         self.channel.basic_nack(tag, BasicNackOptions { requeue: true, multiple: false }).await?;
-        self.finished(tag);
+        let advanced = self.finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner).mark_requeued(tag);
+        if advanced {
+            self.advanced.notify_one();
+        }
         Ok(())
     }
 
@@ -79,19 +108,17 @@ impl Acks {
     /// so no tag is ever acked twice (which the broker answers by closing
     /// the channel).
     pub async fn run(&self, stop: CancellationToken) {
-        let mut acked = 0;
         loop {
             let stopping = tokio::select! {
                 () = self.advanced.notified() => false,
                 () = stop.cancelled() => true,
             };
-            let through = self.finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner).through;
-            if through > acked {
-                if let Err(e) = self.channel.basic_ack(through, BasicAckOptions { multiple: true }).await {
-                    tracing::warn!(error = %e, "cannot ack deliveries; the broker will redeliver them");
-                    return;
-                }
-                acked = through;
+            let tag = self.finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner).settle();
+            if let Some(tag) = tag
+                && let Err(e) = self.channel.basic_ack(tag, BasicAckOptions { multiple: true }).await
+            {
+                tracing::warn!(error = %e, "cannot ack deliveries; the broker will redeliver them");
+                return;
             }
             if stopping {
                 return;
@@ -117,5 +144,25 @@ mod tests {
         assert!(finished.ahead.is_empty());
         assert!(!finished.mark(3), "a tag marked twice changes nothing");
         assert_eq!(finished.through, 4);
+    }
+
+    #[test]
+    fn a_batch_ack_never_names_a_requeued_tag() {
+        let mut finished = Finished::default();
+        finished.mark(1);
+        finished.mark(2);
+        finished.mark_requeued(3);
+        assert_eq!(finished.settle(), Some(2), "3 went back to the queue: ack 1 and 2 by naming 2");
+        assert_eq!(finished.settle(), None, "nothing new");
+        finished.mark_requeued(4);
+        finished.mark_requeued(5);
+        assert_eq!(finished.settle(), None, "only requeued tags since: nothing to ack");
+        finished.mark_requeued(7);
+        assert_eq!(finished.settle(), None, "7 is ahead of 6");
+        finished.mark(6);
+        assert_eq!(finished.settle(), Some(6), "6 is held; 7 was requeued");
+        finished.mark(8);
+        assert_eq!(finished.settle(), Some(8));
+        assert!(finished.requeued.is_empty() && finished.ahead.is_empty());
     }
 }

@@ -12,6 +12,7 @@ const ARRIVAL: Duration = Duration::from_secs(20);
 const ALERTMANAGER: &str = include_str!("../fixtures/alertmanager-firing.json");
 const GRAFANA: &str = include_str!("../fixtures/grafana-firing.json");
 
+mod acks;
 mod alerting;
 mod bench;
 mod binaries;
