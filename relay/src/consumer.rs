@@ -23,6 +23,8 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use std::collections::HashMap;
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -158,8 +160,8 @@ impl Dispatcher {
                 self.metrics.count(Outcome::Retried);
             }
             Next::Park { reason } => {
-                tracing::warn!(id = ?id, attempts = attempts + 1, %reason, "parking the job in {}", self.topology.dead_queue());
-                self.park(data, properties, attempts + 1, &reason).await?;
+                tracing::warn!(id = ?id, attempts = attempts.saturating_add(1), %reason, "parking the job in {}", self.topology.dead_queue());
+                self.park(data, properties, attempts.saturating_add(1), &reason).await?;
                 self.metrics.count(Outcome::Parked);
             }
         }
@@ -281,7 +283,20 @@ pub async fn run(
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let (dispatcher, acks) = (Arc::clone(&dispatcher), Arc::clone(&acks));
-                        tracker.spawn(async move { dispatcher.handle(delivery, &acks).await });
+                        tracker.spawn(async move {
+                            let tag = delivery.delivery_tag;
+                            // A bug that panics in one job must not leave its
+                            // tag unsettled forever: batch acks would stop
+                            // behind it and the relay would stall at its
+                            // prefetch while reporting ready.
+                            if AssertUnwindSafe(dispatcher.handle(delivery, &acks)).catch_unwind().await.is_err() {
+                                tracing::error!(delivery_tag = tag, "handling a job panicked (a bug); returning it to the queue");
+                                dispatcher.metrics.count(Outcome::Requeued);
+                                if let Err(e) = acks.requeue(tag).await {
+                                    tracing::warn!(error = %e, "cannot requeue the delivery; it will be redelivered");
+                                }
+                            }
+                        });
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "broker connection lost; reconnecting");
