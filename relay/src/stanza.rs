@@ -27,16 +27,48 @@ pub fn error_condition(message: &Message) -> (String, String) {
     error_in(&message.payloads)
 }
 
-/// The `(type, condition)` of the `<error/>` among a stanza's payloads.
+/// The `(type, condition)` of the `<error/>` among a stanza's payloads,
+/// each one of the values RFC 6120 defines, or "unknown": they become
+/// metric labels and log fields, and whoever sends the error picks them.
 pub fn error_in(payloads: &[xmpp_parsers::minidom::Element]) -> (String, String) {
     let error = payloads.iter().find(|p| p.name() == "error");
-    let kind = error.and_then(|e| e.attr("type")).unwrap_or("unknown").to_owned();
+    let kind = error.and_then(|e| e.attr("type")).filter(|k| ERROR_TYPES.contains(k)).unwrap_or("unknown").to_owned();
     let condition = error
         .and_then(|e| e.children().find(|c| c.ns() == STANZAS_NS && c.name() != "text"))
-        .map(|c| c.name().to_owned())
-        .unwrap_or_else(|| "unknown".to_owned());
+        .map(|c| c.name())
+        .filter(|c| CONDITIONS.contains(c))
+        .unwrap_or("unknown")
+        .to_owned();
     (kind, condition)
 }
+
+/// RFC 6120, 8.3.2.
+const ERROR_TYPES: [&str; 5] = ["auth", "cancel", "continue", "modify", "wait"];
+/// RFC 6120, 8.3.3.
+const CONDITIONS: [&str; 22] = [
+    "bad-request",
+    "conflict",
+    "feature-not-implemented",
+    "forbidden",
+    "gone",
+    "internal-server-error",
+    "item-not-found",
+    "jid-malformed",
+    "not-acceptable",
+    "not-allowed",
+    "not-authorized",
+    "policy-violation",
+    "recipient-unavailable",
+    "redirect",
+    "registration-required",
+    "remote-server-not-found",
+    "remote-server-timeout",
+    "resource-constraint",
+    "service-unavailable",
+    "subscription-required",
+    "undefined-condition",
+    "unexpected-request",
+];
 
 fn kind(kind: MessageKind) -> MessageType {
     match kind {
@@ -63,6 +95,11 @@ mod tests {
         assert_eq!(error_condition(&message), ("cancel".into(), "service-unavailable".into()));
         let bare = Message::new(None);
         assert_eq!(error_condition(&bare), ("unknown".into(), "unknown".into()));
+        // Invented names do not become metric labels.
+        let invented = "<message xmlns='jabber:client' type='error' id='j2'><error type='x-whatever'>\
+                        <made-up-1 xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>";
+        let message = Message::try_from(invented.parse::<Element>().expect("xml")).expect("message");
+        assert_eq!(error_condition(&message), ("unknown".into(), "unknown".into()));
     }
 
     #[test]
