@@ -8,6 +8,7 @@
 //! plus `firing` and `resolved` (the alerts by status) and, for
 //! Alertmanager, `silenceURL` (a new silence matching the group's labels).
 
+use herald_shared::domain::xml_text_len;
 use crate::error::Error;
 use minijinja::value::Serde;
 use minijinja::{context, Environment, Value};
@@ -178,13 +179,19 @@ fn silence_url(base: &str, group_labels: &BTreeMap<String, String>) -> String {
 /// Cuts `text` to at most `max` bytes on a character boundary, saying so.
 pub fn fit(text: String, max: usize) -> String {
     const MARK: &str = "\n…(truncated)";
-    if text.len() <= max {
+    if xml_text_len(&text) <= max {
         return text;
     }
-    let mut end = max.saturating_sub(MARK.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    // Measured as XML, as `Body::parse` measures it.
+    let budget = max.saturating_sub(xml_text_len(MARK));
+    let mut used = 0;
+    let end = text
+        .char_indices()
+        .find(|(_, c)| {
+            used += xml_text_len(c.encode_utf8(&mut [0; 4]));
+            used > budget
+        })
+        .map_or(text.len(), |(i, _)| i);
     format!("{}{MARK}", &text[..end])
 }
 
@@ -279,6 +286,8 @@ mod tests {
         let text = "é".repeat(100);
         let cut = fit(text, 50);
         assert!(cut.len() <= 50 && cut.ends_with("…(truncated)"), "{cut}");
+        let ampersands = fit("&".repeat(100), 50);
+        assert!(xml_text_len(&ampersands) <= 50 && ampersands.starts_with("&&"), "{ampersands}");
         assert_eq!(fit("short".into(), 50), "short");
     }
 }

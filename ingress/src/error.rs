@@ -66,7 +66,7 @@ impl Error {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Malformed(_) => StatusCode::BAD_REQUEST,
-            Error::Invalid(ValidationError::TooLong { field: "body", .. }) | Error::TooLarge(_) => {
+            Error::Invalid(ValidationError::BodyTooLong { .. }) | Error::TooLarge(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -83,7 +83,7 @@ impl Error {
             Error::Unauthorized => "unauthorized",
             Error::UnsupportedMediaType(_) => "unsupported-media-type",
             Error::Malformed(_) => "malformed-request",
-            Error::Invalid(ValidationError::TooLong { field: "body", .. }) | Error::TooLarge(_) => "too-large",
+            Error::Invalid(ValidationError::BodyTooLong { .. }) | Error::TooLarge(_) => "too-large",
             Error::Invalid(_) => "invalid-message",
             Error::NotFound => "not-found",
             Error::TooManyAttempts(_) => "too-many-failed-logins",

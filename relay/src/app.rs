@@ -89,6 +89,7 @@ impl Application {
             topology,
             retry_delays: config.retry_delays.0.clone(),
             online_timeout: config.online_timeout,
+            max_stanza_bytes: config.max_stanza_bytes,
             recent: Recent::default(),
             seen: Seen::new(config.idempotency_window),
             metrics: Arc::clone(&metrics),

@@ -80,6 +80,13 @@ pub struct Config {
     #[arg(long, env = "HERALD_ACK_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub ack_timeout: Duration,
 
+    /// The XMPP server's stanza size limit (Prosody's
+    /// `c2s_stanza_size_limit`, 256 KiB by default): a job whose message
+    /// would be larger is parked, since sending it would only make the
+    /// server close the stream, again on every retry.
+    #[arg(long, env = "HERALD_MAX_STANZA_BYTES", default_value_t = 256 * 1024)]
+    pub max_stanza_bytes: usize,
+
     /// How long a job waits for its sender's session to come online before
     /// it is retried later.
     #[arg(long, env = "HERALD_ONLINE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]

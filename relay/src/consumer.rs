@@ -41,6 +41,7 @@ pub struct Dispatcher {
     pub topology: Topology,
     pub retry_delays: Vec<Duration>,
     pub online_timeout: Duration,
+    pub max_stanza_bytes: usize,
     pub recent: Recent,
     pub seen: Seen,
     pub metrics: Arc<Metrics>,
@@ -173,6 +174,13 @@ impl Dispatcher {
             .sessions
             .get(job.sender())
             .ok_or_else(|| DeliveryError::Permanent(format!("no XMPP account is configured for sender {}", job.sender())))?;
+        let size = stanza::xml_size(job);
+        if size > self.max_stanza_bytes {
+            return Err(DeliveryError::Permanent(format!(
+                "the message would be up to {size} bytes of XML, over the XMPP server's stanza limit (HERALD_MAX_STANZA_BYTES = {})",
+                self.max_stanza_bytes
+            )));
+        }
         session.deliver(stanza::message(job), self.online_timeout).await
     }
 

@@ -27,6 +27,8 @@ pub enum ValidationError {
     EmptyBody,
     #[error("{field} is {len} bytes long; the limit is {max}")]
     TooLong { field: &'static str, len: usize, max: usize },
+    #[error("body is {len} bytes long as XML (where & takes 5 bytes, < and > take 4, CR takes 5); the limit is {max}")]
+    BodyTooLong { len: usize, max: usize },
     #[error("{field} contains the character U+{code:04X}, which XML cannot carry")]
     NotXmlText { field: &'static str, code: u32 },
     #[error("unknown message type {0:?}; expected chat, normal, headline or groupchat")]
@@ -45,6 +47,21 @@ fn check_xml_text(field: &'static str, text: &str) -> Result<(), ValidationError
         Some(c) => Err(ValidationError::NotXmlText { field, code: c as u32 }),
         None => Ok(()),
     }
+}
+
+/// Bytes `text` takes as XML character data, escaped as the stanza writer
+/// (rxml) escapes it: `&` as `&amp;`, `<` and `>` as `&lt;` and `&gt;`, a
+/// carriage return as `&#xd;`.
+pub fn xml_text_len(text: &str) -> usize {
+    text.len()
+        + text
+            .bytes()
+            .map(|b| match b {
+                b'&' | b'\r' => 4,
+                b'<' | b'>' => 3,
+                _ => 0,
+            })
+            .sum::<usize>()
 }
 
 fn is_xml_char(c: char) -> bool {
@@ -164,11 +181,17 @@ impl fmt::Display for Sender {
 pub struct Body(String);
 
 impl Body {
+    /// `max_bytes` bounds the body as it will be in the stanza, escaped for
+    /// XML: a body of `&` takes five times its length there, and the XMPP
+    /// server's stanza limit is on what it reads.
     pub fn parse(text: String, max_bytes: usize) -> Result<Self, ValidationError> {
         if text.trim().is_empty() {
             return Err(ValidationError::EmptyBody);
         }
-        check_len("body", &text, max_bytes)?;
+        let len = xml_text_len(&text);
+        if len > max_bytes {
+            return Err(ValidationError::BodyTooLong { len, max: max_bytes });
+        }
         check_xml_text("body", &text)?;
         Ok(Body(text))
     }
@@ -311,7 +334,11 @@ mod tests {
             Body::parse("a\u{1}b".into(), 100),
             Err(ValidationError::NotXmlText { field: "body", code: 1 })
         );
-        assert!(matches!(Body::parse("x".repeat(101), 100), Err(ValidationError::TooLong { .. })));
+        assert!(matches!(Body::parse("x".repeat(101), 100), Err(ValidationError::BodyTooLong { .. })));
+        // The limit is on the escaped text: 20 `&` are 100 bytes of XML.
+        assert!(Body::parse("&".repeat(20), 100).is_ok());
+        assert!(matches!(Body::parse("&".repeat(21), 100), Err(ValidationError::BodyTooLong { len: 105, .. })));
+        assert_eq!(xml_text_len("a&b<c>d\r\n"), 9 + 4 + 3 + 3 + 4);
         assert_eq!(Body::parse("<b>&amp;</b>\ttab ✓".into(), 100).expect("valid").as_str(), "<b>&amp;</b>\ttab ✓");
     }
 

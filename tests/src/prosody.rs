@@ -105,7 +105,6 @@ authentication = "internal_hashed"
 storage = "internal"
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = false
-c2s_stanza_size_limit = 512 * 1024
 -- Nagle's algorithm off on Prosody's sockets, as the README recommends: with
 -- it on, a stanza to a client whose kernel delays its ACK waits for that ACK
 -- (measured: 15-20 ms at p90 for a direct client at 1,000 msg/s).

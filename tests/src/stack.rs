@@ -172,6 +172,7 @@ pub fn relay_config(amqp_url: &str, prefix: &str, accounts_file: PathBuf, retry_
         retry_delays: Delays(retry_delays.to_vec()),
         ack_timeout: Duration::from_secs(10),
         online_timeout: Duration::from_secs(10),
+        max_stanza_bytes: 256 * 1024,
         drain_timeout: Duration::from_secs(10),
         idempotency_window: Duration::from_secs(600),
     }

@@ -16,12 +16,15 @@ async fn hostile_input_is_refused_or_inert_and_the_stream_survives() {
     let long_user = "a".repeat(1100);
     let deep_json = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
     let oversized = "x".repeat(herald_shared::domain::DEFAULT_MAX_BODY_BYTES + 1);
+    // Under the limit as bytes, five times over it as XML (`&amp;`).
+    let oversized_as_xml = "&".repeat(herald_shared::domain::DEFAULT_MAX_BODY_BYTES - 1);
     let refused: Vec<(String, Option<&str>, Vec<u8>, u16)> = vec![
         (format!("/msg/{to}"), Some("text/plain"), b"nul \0 byte".to_vec(), 422),
         (format!("/msg/{to}"), Some("text/plain"), b"escape \x1b[31m red".to_vec(), 422),
         (format!("/msg/{to}"), Some("text/plain"), b"\xff\xfe not utf-8".to_vec(), 400),
         (format!("/msg/{to}"), Some("text/plain"), Vec::new(), 422),
         (format!("/msg/{to}"), Some("text/plain"), oversized.into_bytes(), 413),
+        (format!("/msg/{to}"), Some("text/plain"), oversized_as_xml.into_bytes(), 413),
         (format!("/msg/{to}"), Some("text/plain; charset=latin1"), b"caf\xe9".to_vec(), 415),
         (format!("/msg/{to}"), None, b"no type".to_vec(), 415),
         (format!("/msg/{to}"), Some("application/xml"), b"<message/>".to_vec(), 415),
@@ -64,6 +67,31 @@ async fn hostile_input_is_refused_or_inert_and_the_stream_survives() {
     let relay_admin = stack.relay_admin_url.clone().expect("relay");
     let ready = stack.http.get(format!("{relay_admin}/readyz")).send().await.expect("readyz");
     assert_eq!(ready.status(), 200, "the relay's session is up");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_over_the_servers_stanza_limit_is_parked_not_sent() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let account = stack.prosody.register("big");
+    let mut rx = Receiver::connect(&stack.prosody, &account).await;
+    // Queued by something other than the ingress (or an ingress with a
+    // larger HERALD_MAX_BODY_BYTES): 100 KiB of `&` is 500 KiB of XML, and
+    // Prosody would close the stream over it on every attempt.
+    let sender = herald_shared::Sender::parse(&stack.sender.jid).expect("sender");
+    let to = herald_shared::Recipient::parse(&account.jid, sender.domain()).expect("recipient");
+    let body = herald_shared::Body::parse("&".repeat(100 * 1024), usize::MAX).expect("body");
+    let job = herald_shared::Job::new_v1(sender, to, herald_shared::MessageKind::Chat, body, None, None);
+    stack.broker.publish_job(&job, false).await;
+    let dead = stack.broker.topology().dead_queue();
+    poll::until("the job to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 1).then_some(()) }).await;
+    let parked = stack.broker.get(&dead).await.expect("parked");
+    let reason = header_text(&parked.delivery.properties, headers::REASON).expect("reason");
+    assert!(reason.contains("stanza limit"), "{reason}");
+
+    let response = stack.post(&format!("/msg/{}", account.jid), Some("text/plain"), "goes on").await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(rx.next(ARRIVAL).await.expect("arrives").body, "goes on", "and nothing else before it");
     stack.stop().await;
 }
 
