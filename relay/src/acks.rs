@@ -83,6 +83,12 @@ impl Acks {
         Self { channel, finished: Mutex::new(Finished::default()), advanced: Notify::new() }
     }
 
+    /// Whether the channel (and so every unsettled delivery on it) is still
+    /// there; once it is closed the broker has given its deliveries back.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
     /// The job of delivery `tag` was handed on (delivered, retried or
     /// parked): it may be acked.
     pub fn finished(&self, tag: u64) {

@@ -101,6 +101,13 @@ impl Dispatcher {
                 if let (true, Some(id)) = (idempotent, id) {
                     self.seen.release(id);
                 }
+                if !acks.is_open() {
+                    // The broker gives the delivery back itself; a retry or
+                    // park copy published now could never be matched by an
+                    // ack of the original, and the job would exist twice.
+                    tracing::info!(id = ?id, %error, "delivery failed after its channel closed; the broker redelivers it");
+                    return;
+                }
                 let id = id.map(|id| id.to_string());
                 // Boxed: the failure path's publish would otherwise make
                 // every delivery's task (spawned per job) several times larger.
@@ -266,6 +273,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
+    let mut drained = false;
     while !stop.is_cancelled() {
         let (connection, channel, mut consumer) = match open(&url, &dispatcher, prefetch).await {
             Ok(opened) => opened,
@@ -324,6 +332,7 @@ pub async fn run(
                 tracing::warn!(error = %e, "cannot cancel the consumer");
             }
             drain(&tracker, drain_timeout).await;
+            drained = true;
         }
         // The last acks, before the channel closes.
         acks_stop.cancel();
@@ -332,7 +341,12 @@ pub async fn run(
         }
         drop(connection.close(200, "relay stopping or reconnecting".into()).await);
     }
-    drain(&tracker, drain_timeout).await;
+    // Stopped while reconnecting: jobs of the lost connection may still be
+    // running. Never a second wait after the first (the pod's grace period
+    // is sized for one).
+    if !drained {
+        drain(&tracker, drain_timeout).await;
+    }
 }
 
 async fn drain(tracker: &TaskTracker, timeout: Duration) {
