@@ -146,7 +146,9 @@ async fn notification(
     if let Some(to) = path_to {
         raw.to = vec![to];
     }
-    raw.body = Some(alerts::fit(rendered.text, state.max_body_bytes));
+    // A control character in someone's annotation must not lose the alert.
+    let text = herald_shared::domain::xml_safe(&rendered.text).into_owned();
+    raw.body = Some(alerts::fit(text, state.max_body_bytes));
     enqueue(state, &user, raw, key).await
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio_xmpp::connect::{DirectTlsServerConnector, DnsConfig, ServerConnector, StartTlsServerConnector, TcpServerConnector};
 use tokio_xmpp::error::{AuthError, Error as XmppError};
+use tokio_xmpp::parsers::sasl::DefinedCondition;
 use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::ns;
 use tokio_xmpp::stanzastream::Connection;
@@ -35,6 +36,10 @@ pub enum LoginState {
 impl LoginState {
     fn from_error(error: &XmppError) -> Self {
         match error {
+            // The server's own trouble (RFC 6120, 6.5.13): try again later.
+            XmppError::Auth(AuthError::Fail(condition @ DefinedCondition::TemporaryAuthFailure)) => {
+                Self::Unreachable(format!("the server could not check the login now: {condition:?}"))
+            }
             XmppError::Auth(AuthError::Fail(condition)) => Self::Rejected(format!("the server refused the login: {condition:?}")),
             XmppError::Auth(e) => Self::Rejected(e.to_string()),
             e => Self::Unreachable(e.to_string()),
@@ -114,4 +119,17 @@ async fn login<C: ServerConnector>(server: C, jid: Jid, password: String) -> Res
         .await?;
     let (features, stream) = stream.recv_features().await?;
     Ok(Connection { stream: stream.box_stream(), features, identity: jid })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refusal_of_the_credentials_is_a_rejected_login() {
+        let refused = XmppError::Auth(AuthError::Fail(DefinedCondition::NotAuthorized));
+        assert!(matches!(LoginState::from_error(&refused), LoginState::Rejected(_)));
+        let busy = XmppError::Auth(AuthError::Fail(DefinedCondition::TemporaryAuthFailure));
+        assert!(matches!(LoginState::from_error(&busy), LoginState::Unreachable(_)), "the server's trouble, retried quietly");
+    }
 }

@@ -64,6 +64,16 @@ pub fn xml_text_len(text: &str) -> usize {
             .sum::<usize>()
 }
 
+/// `text` with every character XML cannot carry replaced by U+FFFD: for
+/// text Herald composes from someone else's data (a notification's labels
+/// and annotations), where refusing the whole message would lose an alert.
+pub fn xml_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().all(is_xml_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(text.chars().map(|c| if is_xml_char(c) { c } else { char::REPLACEMENT_CHARACTER }).collect())
+}
+
 fn is_xml_char(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}')
 }
@@ -339,6 +349,8 @@ mod tests {
         assert!(Body::parse("&".repeat(20), 100).is_ok());
         assert!(matches!(Body::parse("&".repeat(21), 100), Err(ValidationError::BodyTooLong { len: 105, .. })));
         assert_eq!(xml_text_len("a&b<c>d\r\n"), 9 + 4 + 3 + 3 + 4);
+        assert_eq!(xml_safe("red \u{1b}[31m\u{0} ok\n"), "red \u{fffd}[31m\u{fffd} ok\n");
+        assert!(matches!(xml_safe("fine\ttext"), std::borrow::Cow::Borrowed(_)));
         assert_eq!(Body::parse("<b>&amp;</b>\ttab ✓".into(), 100).expect("valid").as_str(), "<b>&amp;</b>\ttab ✓");
     }
 

@@ -37,6 +37,17 @@ async fn an_alertmanager_notification_arrives_as_one_readable_message() {
         assert!(!m.body.contains("Silence:"), "no silence link once resolved: {}", m.body);
         assert_eq!(m.kind, tokio_xmpp::parsers::message::MessageType::Headline);
     }
+
+    // A terminal colour code in someone's annotation: XML cannot carry ESC,
+    // and refusing the notification would lose the alert.
+    let coloured = ALERTMANAGER.replace("db-7 is 94 s behind", "db-7 is \\u001b[31m94 s\\u001b[0m behind");
+    assert_ne!(coloured, ALERTMANAGER);
+    // (To backup: for oncall it would be a repeat of the first notification,
+    // whose key leaves annotations out.)
+    let response = stack.post(&format!("/alertmanager/{}", backup.jid), Some("application/json"), coloured).await;
+    assert_eq!(response.status(), 202);
+    let m = backup_rx.next(ARRIVAL).await.expect("the notification arrives");
+    assert!(m.body.contains("db-7 is \u{fffd}[31m94 s\u{fffd}[0m behind"), "{}", m.body);
     stack.stop().await;
 }
 
