@@ -423,7 +423,20 @@ impl Session {
         {
             match self.rooms.get_mut(&room) {
                 Some(Room::Joined) => {}
-                Some(Room::Joining(waiting)) => return waiting.push(job),
+                Some(Room::Joining(waiting)) => {
+                    // Jobs whose own wait ended (ack timeout) are gone: keep
+                    // only the live ones. If none was left, the room has
+                    // not answered for that long: ask again.
+                    let before = waiting.len();
+                    waiting.retain(|w| !w.reply.is_closed());
+                    let unanswered = before > 0 && waiting.is_empty();
+                    waiting.push(job);
+                    if unanswered {
+                        tracing::info!(account = %self.account.jid, %room, "no answer to the room join; joining again");
+                        self.join(&room).await;
+                    }
+                    return;
+                }
                 None => {
                     self.rooms.insert(room.clone(), Room::Joining(vec![job]));
                     return self.join(&room).await;
