@@ -15,6 +15,9 @@ use uuid::Uuid;
 /// seconds; this covers many seconds at thousands of jobs a second, in
 /// about 10 MiB (an entry holds the job's bytes and little else).
 pub const CAPACITY: usize = 16 * 1024;
+/// And at most this many bytes of jobs, whatever their size: 16,384 bodies
+/// of 64 KiB would be a gigabyte.
+pub const MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// A job that was delivered and then bounced: what is needed to republish it.
 #[derive(Debug, Clone)]
@@ -40,8 +43,30 @@ pub struct Recent {
 #[derive(Debug, Default)]
 struct Inner {
     slots: HashMap<Uuid, Slot>,
-    /// Settled ids, oldest first, to forget beyond `CAPACITY`.
+    /// Settled ids, oldest first, to forget beyond `CAPACITY` or `MAX_BYTES`.
     order: VecDeque<Uuid>,
+    /// The bytes of the jobs in `Delivered` slots.
+    bytes: usize,
+}
+
+impl Inner {
+    /// Removes `id`'s slot, keeping `bytes` true.
+    fn remove(&mut self, id: &Uuid) -> Option<Slot> {
+        let slot = self.slots.remove(id);
+        if let Some(Slot::Delivered(job)) = &slot {
+            self.bytes -= job.data.len();
+        }
+        slot
+    }
+
+    fn insert(&mut self, id: Uuid, slot: Slot) {
+        if let Slot::Delivered(job) = &slot {
+            self.bytes += job.data.len();
+        }
+        if let Some(Slot::Delivered(old)) = self.slots.insert(id, slot) {
+            self.bytes -= old.data.len();
+        }
+    }
 }
 
 impl Recent {
@@ -52,28 +77,27 @@ impl Recent {
 
     /// The stanza for `id` is about to be sent.
     pub fn begin(&self, id: Uuid) {
-        self.lock().slots.insert(id, Slot::InFlight { bounce: None });
+        self.lock().insert(id, Slot::InFlight { bounce: None });
     }
 
     /// The attempt failed: nothing to remember.
     pub fn forget(&self, id: Uuid) {
-        self.lock().slots.remove(&id);
+        self.lock().remove(&id);
     }
 
     /// The server acknowledged the stanza. Returns the bounce that already
     /// arrived for it, if any; otherwise remembers the job for later ones.
     pub fn delivered(&self, id: Uuid, job: Delivered) -> Option<Bounce> {
         let mut inner = self.lock();
-        if let Some(Slot::InFlight { bounce: Some(bounce) }) = inner.slots.remove(&id) {
+        if let Some(Slot::InFlight { bounce: Some(bounce) }) = inner.remove(&id) {
             return Some(*bounce);
         }
-        inner.slots.insert(id, Slot::Delivered(Box::new(job)));
+        inner.insert(id, Slot::Delivered(Box::new(job)));
         inner.order.push_back(id);
-        while inner.order.len() > CAPACITY {
-            if let Some(old) = inner.order.pop_front()
-                && matches!(inner.slots.get(&old), Some(Slot::Delivered(_)))
-            {
-                inner.slots.remove(&old);
+        while inner.order.len() > CAPACITY || inner.bytes > MAX_BYTES {
+            let Some(old) = inner.order.pop_front() else { break };
+            if matches!(inner.slots.get(&old), Some(Slot::Delivered(_))) {
+                inner.remove(&old);
             }
         }
         None
@@ -91,7 +115,7 @@ impl Recent {
                 *slot = Some(Box::new(bounce.clone()));
                 Lookup::InFlight
             }
-            Some(Slot::Delivered(_)) => match inner.slots.remove(&id) {
+            Some(Slot::Delivered(_)) => match inner.remove(&id) {
                 Some(Slot::Delivered(job)) => Lookup::Delivered(job),
                 _ => Lookup::Unknown,
             },
@@ -139,6 +163,20 @@ mod tests {
         assert_eq!(recent.delivered(id(0), job()), None);
         assert!(matches!(recent.bounced(&bounce(0)), Lookup::Delivered(_)));
         assert!(matches!(recent.bounced(&bounce(0)), Lookup::Unknown));
+    }
+
+    #[test]
+    fn large_jobs_are_forgotten_by_size() {
+        let recent = Recent::default();
+        let big = || Delivered { data: vec![b'x'; 1024 * 1024].into(), attempts: 0, timestamp: None };
+        for i in 0..40 {
+            recent.begin(id(i));
+            recent.delivered(id(i), big());
+        }
+        assert!(recent.lock().bytes <= MAX_BYTES);
+        assert!(matches!(recent.bounced(&bounce(0)), Lookup::Unknown), "the oldest went first");
+        assert!(matches!(recent.bounced(&bounce(39)), Lookup::Delivered(_)));
+        assert_eq!(recent.lock().bytes, 15 * 1024 * 1024, "16 MiB were kept; one was taken by its bounce");
     }
 
     #[test]
