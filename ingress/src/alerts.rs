@@ -176,7 +176,8 @@ fn silence_url(base: &str, group_labels: &BTreeMap<String, String>) -> String {
     format!("{}/#/silences/new?filter={filter}", base.trim_end_matches('/'))
 }
 
-/// Cuts `text` to at most `max` bytes on a character boundary, saying so.
+/// Cuts `text` to at most `max` bytes as XML text (as `Body::parse` counts)
+/// on a character boundary, saying so.
 pub fn fit(text: String, max: usize) -> String {
     const MARK: &str = "\n…(truncated)";
     if xml_text_len(&text) <= max {
