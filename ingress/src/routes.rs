@@ -171,6 +171,14 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
             })
             .collect();
     }
+    // Without a confirm channel (the background task reconnects every 2 s)
+    // answer 503 at once: before the rate limit takes tokens for a request
+    // that cannot be accepted (a client retrying through an outage would
+    // otherwise come out of it rate-limited), and without every request
+    // trying to reconnect in turn.
+    if !state.publisher.is_open() {
+        return Err(Error::Unavailable("no confirm channel to the broker".into()));
+    }
     check_policy(user, &jobs)?;
     // One job per recipient, so that one failing recipient never blocks or
     // repeats the others; 202 only once the broker confirmed every one.

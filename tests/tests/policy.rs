@@ -2,8 +2,9 @@
 //! outside it) and a rate limit (429 with Retry-After past it). A refused
 //! request queues nothing and takes no tokens.
 
+use herald_tests::proxy::{self, Proxy};
 use herald_tests::stack::user_entry;
-use herald_tests::{Stack, StackOptions};
+use herald_tests::{poll, Stack, StackOptions};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_allow_list_and_the_rate_limit_hold() {
@@ -37,5 +38,30 @@ async fn the_allow_list_and_the_rate_limit_hold() {
     // Other users are not limited by this one's bucket or list.
     let other = stack.post("/msg/eve@localhost", Some("text/plain"), "x").await;
     assert_eq!(other.status(), 202);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_refused_during_a_broker_outage_take_no_tokens() {
+    let user = "patient@localhost";
+    let extra = format!("{}rate = \"1/h\"\nburst = 3\n", user_entry(user, "patient-secret", None));
+    let broker_url = std::env::var("HERALD_TEST_AMQP_URL").unwrap_or_else(|_| herald_tests::broker::DEFAULT_TEST_AMQP_URL.to_owned());
+    let link = Proxy::start(proxy::amqp_authority(&broker_url)).await;
+    let options = StackOptions { relay: false, extra_users: extra, service_amqp_url: Some(link.amqp_url(&broker_url)), ..Default::default() };
+    let stack = Stack::start(options).await;
+    let post = || stack.post_as(user, "patient-secret", "/msg/ok@localhost", Some("text/plain"), "x");
+
+    link.cut().await;
+    // Alertmanager retries a 503 (and drops a notification on a 429).
+    for _ in 0..5 {
+        assert_eq!(post().await.status(), 503, "the broker is out of reach");
+    }
+    link.restore();
+    poll::until("the ingress to accept again", crate::ARRIVAL, || async { (post().await.status() == 202).then_some(()) }).await;
+    // The 503s took nothing: the burst of 3 is all there.
+    assert_eq!(post().await.status(), 202);
+    assert_eq!(post().await.status(), 202);
+    assert_eq!(post().await.status(), 429);
+    assert_eq!(stack.broker.ready(&stack.broker.topology().work_queue()).await, 3);
     stack.stop().await;
 }
