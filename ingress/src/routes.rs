@@ -11,7 +11,7 @@ use crate::publisher;
 use crate::users::User;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, FromRequest, Path, Request, State};
 use std::net::{IpAddr, SocketAddr};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -58,10 +58,10 @@ pub async fn msg(
     to: Result<Option<Path<String>>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, Error> {
     let to = path_recipient(to)?;
-    accept(&state, peer, to, &uri, &headers, body).await
+    accept(&state, peer, to, &uri, &headers, request).await
 }
 
 /// `POST /alertmanager/{to}`, and `POST /alertmanager?to=…&to=…`.
@@ -71,10 +71,10 @@ pub async fn alertmanager(
     to: Result<Option<Path<String>>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, Error> {
     let to = path_recipient(to)?;
-    notification(&state, peer, Source::Alertmanager, to, &uri, &headers, body).await
+    notification(&state, peer, Source::Alertmanager, to, &uri, &headers, request).await
 }
 
 /// `POST /grafana/{to}`, and `POST /grafana?to=…&to=…`.
@@ -84,10 +84,10 @@ pub async fn grafana(
     to: Result<Option<Path<String>>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, Error> {
     let to = path_recipient(to)?;
-    notification(&state, peer, Source::Grafana, to, &uri, &headers, body).await
+    notification(&state, peer, Source::Grafana, to, &uri, &headers, request).await
 }
 
 fn path_recipient(to: Result<Option<Path<String>>, PathRejection>) -> Result<Option<String>, Error> {
@@ -105,11 +105,11 @@ async fn accept(
     path_to: Option<String>,
     uri: &Uri,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, Error> {
     let client = client_address(peer, headers, state.trust_forwarded_for);
     let user = state.auth.authenticate(headers, client).await?;
-    let body = body.map_err(body_rejection)?;
+    let body = read_body(request).await?;
     let key = idempotency::key_from(headers)?;
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
     let mut raw = payload::parse(content_type, &body, payload::parse_query(uri.query())?)?;
@@ -129,11 +129,11 @@ async fn notification(
     path_to: Option<String>,
     uri: &Uri,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, Error> {
     let client = client_address(peer, headers, state.trust_forwarded_for);
     let user = state.auth.authenticate(headers, client).await?;
-    let body = body.map_err(body_rejection)?;
+    let body = read_body(request).await?;
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
     if !content_type.is_some_and(|ct| ct.parse::<mime::Mime>().is_ok_and(|m| m.essence_str() == mime::APPLICATION_JSON.essence_str())) {
         return Err(Error::UnsupportedMediaType("a notification is application/json".into()));
@@ -199,6 +199,13 @@ fn job_to(job: &Job) -> &Recipient {
     match job {
         Job::V1(v1) => &v1.to,
     }
+}
+
+/// The body, read only once the request is authenticated (so an anonymous
+/// client cannot make the ingress buffer its uploads), within the route's
+/// `DefaultBodyLimit`.
+async fn read_body(request: Request) -> Result<Bytes, Error> {
+    Bytes::from_request(request, &()).await.map_err(body_rejection)
 }
 
 fn body_rejection(e: BytesRejection) -> Error {

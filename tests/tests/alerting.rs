@@ -86,6 +86,25 @@ async fn a_bad_notification_is_refused_and_queues_nothing() {
     }
     let anonymous = stack.http.post(format!("{}/alertmanager/ops", stack.ingress_url)).body(ALERTMANAGER).send().await.expect("HTTP");
     assert_eq!(anonymous.status(), 401, "authenticated like every other route");
+    // Authenticated before its body is read: an anonymous upload announcing
+    // more than the limit is answered 401 without a byte of it being read.
+    for path in ["/alertmanager/ops", "/msg/ops"] {
+        assert_eq!(status_of_headers_only(&stack.ingress_url, path, 2 * 1024 * 1024).await, 401, "{path}");
+    }
     assert_eq!(stack.broker.ready(&work).await, 0, "nothing refused was queued");
     stack.stop().await;
+}
+
+/// Sends only the head of an anonymous POST announcing `length` bytes, and
+/// returns the status the ingress answers before any of them.
+async fn status_of_headers_only(base: &str, path: &str, length: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = base.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(authority).await.expect("connect");
+    let head = format!("POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = vec![0; 64];
+    let n = tokio::time::timeout(ARRIVAL, tcp.read(&mut answer)).await.expect("an answer before the body").expect("read");
+    let line = String::from_utf8_lossy(&answer[..n]).into_owned();
+    line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {line:?}"))
 }
