@@ -57,8 +57,7 @@ impl Finished {
     /// Every tag above `settled` and below it that was not requeued is still
     /// held by the broker, and is covered by that ack.
     fn settle(&mut self) -> Option<u64> {
-        let newly: BTreeSet<u64> = self.requeued.range(..=self.through).copied().collect();
-        let tag = (self.settled + 1..=self.through).rev().find(|tag| !newly.contains(tag));
+        let tag = (self.settled + 1..=self.through).rev().find(|tag| !self.requeued.contains(tag));
         self.requeued.retain(|t| *t > self.through);
         self.settled = self.through;
         tag
@@ -92,8 +91,13 @@ impl Acks {
     /// The job of delivery `tag` was handed on (delivered, retried or
     /// parked): it may be acked.
     pub fn finished(&self, tag: u64) {
+        self.update(|finished| finished.mark(tag));
+    }
+
+    /// Applies `change` to the marks, and wakes the flusher if `through` moved.
+    fn update(&self, change: impl FnOnce(&mut Finished) -> bool) {
         // A panic while holding this lock leaves consistent data behind.
-        let advanced = self.finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner).mark(tag);
+        let advanced = change(&mut self.finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         if advanced {
             self.advanced.notify_one();
         }
@@ -102,10 +106,7 @@ impl Acks {
     /// Gives delivery `tag` back to the work queue now.
     pub async fn requeue(&self, tag: u64) -> Result<(), lapin::Error> {
         self.channel.basic_nack(tag, BasicNackOptions { requeue: true, multiple: false }).await?;
-        let advanced = self.finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner).mark_requeued(tag);
-        if advanced {
-            self.advanced.notify_one();
-        }
+        self.update(|finished| finished.mark_requeued(tag));
         Ok(())
     }
 

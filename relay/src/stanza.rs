@@ -32,8 +32,8 @@ pub fn xml_size(job: &Job) -> usize {
         + text(job.subject.as_ref().map(|s| s.as_str()))
         + text(job.thread.as_ref().map(|s| s.as_str()))
         // Attribute values escape quotes and whitespace too: up to 6 bytes each.
-        + job.to.to_string().len() * 6
-        + job.from.to_string().len() * 6
+        + job.to.jid().as_str().len() * 6
+        + job.from.jid().as_str().len() * 6
 }
 
 const STANZAS_NS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
