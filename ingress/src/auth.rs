@@ -87,7 +87,7 @@ impl Authenticator {
         let checked_jid = jid.clone();
         let ok = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            this.check_password(client, checked_jid, &password, key)
+            this.check_password(client, checked_jid, &account, &password, key)
         })
         .await
         .map_err(|e| Error::Internal(format!("password check panicked: {e}")))?;
@@ -98,15 +98,14 @@ impl Authenticator {
     }
 
     /// argon2, then the throttle's and the cache's bookkeeping.
-    fn check_password(&self, client: IpAddr, jid: Sender, password: &str, key: CacheKey) -> bool {
-        let account = jid.to_string();
+    fn check_password(&self, client: IpAddr, jid: Sender, account: &str, password: &str, key: CacheKey) -> bool {
         if self.verify(&jid, password) {
-            self.throttle.succeeded(client, &account);
+            self.throttle.succeeded(client, account);
             self.remember(key, jid);
             true
         } else {
             tracing::info!(%client, user = %jid, "login refused: wrong user or password");
-            self.throttle.failed(client, &account);
+            self.throttle.failed(client, account);
             false
         }
     }

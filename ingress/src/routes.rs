@@ -187,7 +187,7 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
     futures::future::try_join_all(jobs.iter().map(|job| publisher::publish(&state.publisher, job, idempotent))).await?;
     state.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
     state.metrics.jobs_published.inc_by(jobs.len() as u64);
-    let accepted: Vec<AcceptedJob> = jobs.iter().map(|job| AcceptedJob { id: job.id(), to: job_recipient(job) }).collect();
+    let accepted: Vec<AcceptedJob> = jobs.iter().zip(&recipients).map(|(job, to)| AcceptedJob { id: job.id(), to: to.clone() }).collect();
     if let Some(key) = &key {
         state.idempotency.put(&user.jid, key, &recipients, accepted.clone());
     }
