@@ -5,7 +5,12 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use std::time::Duration;
 
-pub const DEFAULT_TEST_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const DEFAULT_TEST_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The test broker's URL: `HERALD_TEST_AMQP_URL`, or the local broker.
+pub fn url() -> String {
+    std::env::var("HERALD_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_TEST_AMQP_URL.to_owned())
+}
 
 /// A connection to the test broker, and the per-test topology prefix.
 pub struct Broker {
@@ -18,7 +23,7 @@ pub struct Broker {
 impl Broker {
     /// Connects to the broker, or panics with what to do about it.
     pub async fn connect() -> Self {
-        let url = std::env::var("HERALD_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_TEST_AMQP_URL.to_owned());
+        let url = url();
         let connection = match tokio::time::timeout(Duration::from_secs(10), herald_shared::amqp::connect(&url, "herald-tests")).await {
             Ok(Ok(c)) => c,
             other => panic!(

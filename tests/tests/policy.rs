@@ -45,7 +45,7 @@ async fn the_allow_list_and_the_rate_limit_hold() {
 async fn requests_refused_during_a_broker_outage_take_no_tokens() {
     let user = "patient@localhost";
     let extra = format!("{}rate = \"1/h\"\nburst = 3\n", user_entry(user, "patient-secret", None));
-    let broker_url = std::env::var("HERALD_TEST_AMQP_URL").unwrap_or_else(|_| herald_tests::broker::DEFAULT_TEST_AMQP_URL.to_owned());
+    let broker_url = herald_tests::broker::url();
     let link = Proxy::start(proxy::amqp_authority(&broker_url)).await;
     let options = StackOptions { relay: false, extra_users: extra, service_amqp_url: Some(link.amqp_url(&broker_url)), ..Default::default() };
     let stack = Stack::start(options).await;

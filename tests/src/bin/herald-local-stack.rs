@@ -21,7 +21,7 @@ const HTTP_PASSWORD: &str = "alice-http-pw";
 async fn main() {
     herald_shared::telemetry::install_crypto_provider();
     let port: u16 = std::env::var("HERALD_LOCAL_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
-    let amqp_url = std::env::var("HERALD_TEST_AMQP_URL").unwrap_or_else(|_| herald_tests::broker::DEFAULT_TEST_AMQP_URL.into());
+    let amqp_url = herald_tests::broker::url();
     let prefix = "herald-local";
     // Fail early with a clear message if there is no broker.
     drop(Broker::connect().await);
