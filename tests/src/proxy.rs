@@ -1,7 +1,7 @@
 //! A TCP proxy between the services and a server (the broker), so that a
 //! test can cut and restore the link without touching the shared broker.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -9,9 +9,9 @@ use tokio::sync::watch;
 
 pub struct Proxy {
     pub port: u16,
-    /// `true` while the link is cut.
+    /// `true` while the link is cut: open connections close, new ones are
+    /// refused.
     cut: watch::Sender<bool>,
-    refusing: Arc<AtomicBool>,
     /// Connections accepted and not yet closed.
     open: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -24,16 +24,16 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let (cut, cut_rx) = watch::channel(false);
-        let refusing = Arc::new(AtomicBool::new(false));
         let open = Arc::new(AtomicUsize::new(0));
-        let (refusing_accept, open_accept) = (Arc::clone(&refusing), Arc::clone(&open));
+        let open_accept = Arc::clone(&open);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                // Counted before `refusing` is read, and `cut` sets `refusing`
-                // before it reads the count: either `cut` waits for this
-                // connection or this connection sees the cut.
+                // Counted before the cut is read, and `cut` sets the cut
+                // before it reads the count (the watch's lock orders the
+                // two): either `cut` waits for this connection or this
+                // connection sees the cut.
                 let guard = OpenConnection::new(&open_accept);
-                if refusing_accept.load(Ordering::SeqCst) {
+                if *cut_rx.borrow() {
                     continue;
                 }
                 let (upstream, mut cut_rx) = (upstream.clone(), cut_rx.clone());
@@ -50,7 +50,7 @@ impl Proxy {
                 });
             }
         });
-        Self { port, cut, refusing, open, task }
+        Self { port, cut, open, task }
     }
 
     /// `amqp://…` URL `url` with its host and port replaced by this proxy.
@@ -65,7 +65,6 @@ impl Proxy {
     /// every connection is closed, so that nothing sent afterwards can still
     /// get through.
     pub async fn cut(&self) {
-        self.refusing.store(true, Ordering::SeqCst);
         self.cut.send_replace(true);
         crate::poll::until("the proxy's connections to close", Duration::from_secs(10), || async {
             (self.open.load(Ordering::SeqCst) == 0).then_some(())
@@ -76,7 +75,6 @@ impl Proxy {
     /// Accepts connections again.
     pub fn restore(&self) {
         self.cut.send_replace(false);
-        self.refusing.store(false, Ordering::SeqCst);
     }
 }
 
