@@ -8,10 +8,10 @@
 //! plus `firing` and `resolved` (the alerts by status) and, for
 //! Alertmanager, `silenceURL` (a new silence matching the group's labels).
 
-use herald_shared::domain::xml_text_len;
 use crate::error::Error;
+use herald_shared::domain::xml_text_len;
 use minijinja::value::Serde;
-use minijinja::{context, Environment, Value};
+use minijinja::{Environment, Value, context};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -91,14 +91,14 @@ impl Templates {
         // Plain text for a chat message: no HTML escaping; keep the last newline out.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Chainable);
-        for (source, file, default) in [
-            (Source::Alertmanager, alertmanager, ALERTMANAGER_DEFAULT),
-            (Source::Grafana, grafana, GRAFANA_DEFAULT),
-        ] {
+        for (source, file, default) in
+            [(Source::Alertmanager, alertmanager, ALERTMANAGER_DEFAULT), (Source::Grafana, grafana, GRAFANA_DEFAULT)]
+        {
             let text = match file {
                 None => default.to_owned(),
-                Some(path) => std::fs::read_to_string(path)
-                    .map_err(|e| Error::Config(format!("cannot read the {} template {}: {e}", source.name(), path.display())))?,
+                Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                    Error::Config(format!("cannot read the {} template {}: {e}", source.name(), path.display()))
+                })?,
             };
             env.add_template_owned(source.name(), text)
                 .map_err(|e| Error::Config(format!("the {} template does not compile: {e:#}", source.name())))?;
@@ -108,9 +108,10 @@ impl Templates {
 
     /// The message text for a notification posted as `body`.
     pub fn render(&self, source: Source, body: &[u8]) -> Result<Rendered, Error> {
-        let payload: serde_json::Value =
-            serde_json::from_slice(body).map_err(|e| Error::Malformed(format!("cannot parse the {} notification: {e}", source.name())))?;
-        let shape = Shape::deserialize(&payload).map_err(|e| Error::Malformed(format!("not a {} notification: {e}", source.name())))?;
+        let payload: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| Error::Malformed(format!("cannot parse the {} notification: {e}", source.name())))?;
+        let shape = Shape::deserialize(&payload)
+            .map_err(|e| Error::Malformed(format!("not a {} notification: {e}", source.name())))?;
         check(source, &shape)?;
         let by_status = |status: &str| -> Vec<serde_json::Value> {
             payload["alerts"].as_array().into_iter().flatten().filter(|a| a["status"] == status).cloned().collect()
@@ -155,9 +156,10 @@ fn check(source: Source, shape: &Shape) -> Result<(), Error> {
 /// of a firing group resolving, or resolving and firing again, is a new
 /// notification. A digest, so that a group of many alerts makes a short key.
 fn key(source: Source, shape: &Shape) -> Option<String> {
-    use blake2::digest::{consts::U32, Digest};
+    use blake2::digest::{Digest, consts::U32};
     let group = shape.group_key.as_deref().filter(|g| !g.is_empty())?;
-    let mut alerts: Vec<[&str; 3]> = shape.alerts.iter().map(|a| [a.fingerprint.as_str(), a.status.as_str(), a.starts_at.as_str()]).collect();
+    let mut alerts: Vec<[&str; 3]> =
+        shape.alerts.iter().map(|a| [a.fingerprint.as_str(), a.status.as_str(), a.starts_at.as_str()]).collect();
     alerts.sort_unstable();
     let mut digest = blake2::Blake2b::<U32>::new();
     for part in [group, shape.status.as_str()].into_iter().chain(alerts.iter().flatten().copied()) {
@@ -170,7 +172,8 @@ fn key(source: Source, shape: &Shape) -> Option<String> {
 
 /// Alertmanager's "new silence" page, filled with the group's labels.
 fn silence_url(base: &str, group_labels: &BTreeMap<String, String>) -> String {
-    let matchers: Vec<String> = group_labels.iter().map(|(k, v)| format!("{k}={}", serde_json::Value::from(v.as_str()))).collect();
+    let matchers: Vec<String> =
+        group_labels.iter().map(|(k, v)| format!("{k}={}", serde_json::Value::from(v.as_str()))).collect();
     let filter = format!("{{{}}}", matchers.join(","));
     let filter: String = form_urlencoded::byte_serialize(filter.as_bytes()).collect();
     format!("{}/#/silences/new?filter={filter}", base.trim_end_matches('/'))
@@ -235,10 +238,16 @@ mod tests {
 
     #[test]
     fn a_notification_keys_itself_by_what_changed() {
-        let key = |payload: &str| templates().render(Source::Alertmanager, payload.as_bytes()).expect("renders").key.expect("key");
+        let key = |payload: &str| {
+            templates().render(Source::Alertmanager, payload.as_bytes()).expect("renders").key.expect("key")
+        };
         let first = key(FIRING);
         assert_eq!(key(FIRING), first, "a repeat (HA peer, repeat_interval) is the same notification");
-        let reordered = FIRING.replacen(r#""fingerprint": "a1""#, r#""fingerprint": "TMP""#, 1).replacen(r#""fingerprint": "b2""#, r#""fingerprint": "a1""#, 1);
+        let reordered = FIRING.replacen(r#""fingerprint": "a1""#, r#""fingerprint": "TMP""#, 1).replacen(
+            r#""fingerprint": "b2""#,
+            r#""fingerprint": "a1""#,
+            1,
+        );
         assert_ne!(key(&reordered), first, "other alerts");
         // The group stays firing while one of its alerts resolves, or
         // resolves and fires again: each is news.
@@ -247,13 +256,18 @@ mod tests {
         let b2_refired = FIRING
             .replacen(r#"{"status": "resolved", "labels""#, r#"{"status": "firing", "labels""#, 1)
             .replacen("2026-11-25T09:00:00Z", "2026-11-25T10:05:00Z", 1);
-        let b2_firing_again = FIRING.replacen(r#"{"status": "resolved", "labels""#, r#"{"status": "firing", "labels""#, 1);
+        let b2_firing_again =
+            FIRING.replacen(r#"{"status": "resolved", "labels""#, r#"{"status": "firing", "labels""#, 1);
         assert_ne!(key(&b2_refired), key(&b2_firing_again), "a new start is a new alert");
         // endsAt moves with every evaluation of a firing alert: not part of the key.
         let later_end = FIRING.replacen("2026-11-25T10:01:00Z", "2026-11-25T10:09:00Z", 1);
         assert_ne!(later_end, FIRING);
         assert_eq!(key(&later_end), first);
-        let other_group = FIRING.replacen(r#""groupKey": "{}:{alertname=\"HighLatency\"}""#, r#""groupKey": "{}:{alertname=\"Other\"}""#, 1);
+        let other_group = FIRING.replacen(
+            r#""groupKey": "{}:{alertname=\"HighLatency\"}""#,
+            r#""groupKey": "{}:{alertname=\"Other\"}""#,
+            1,
+        );
         assert_ne!(key(&other_group), first);
     }
 
@@ -275,7 +289,8 @@ mod tests {
     fn an_operator_template_replaces_the_default() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("am.j2");
-        std::fs::write(&path, "{{ status }} {{ alerts | length }} {{ commonLabels.severity }} {{ nothing.at.all }}<b>").expect("write");
+        std::fs::write(&path, "{{ status }} {{ alerts | length }} {{ commonLabels.severity }} {{ nothing.at.all }}<b>")
+            .expect("write");
         let t = Templates::load(Some(&path), None).expect("compiles");
         assert_eq!(t.render(Source::Alertmanager, FIRING.as_bytes()).expect("renders").text, "firing 2 critical <b>");
         std::fs::write(&path, "{% if %}").expect("write");

@@ -1,23 +1,23 @@
 //! Building and running the ingress. `main` and the tests go through here.
 
+use crate::alerts::Templates;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::error::Error;
-use crate::alerts::Templates;
+use crate::metrics::{self, Metrics};
 use crate::routes::{self, AppState};
 use crate::users::Users;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::post;
-use axum::{middleware, Router};
-use crate::metrics::{self, Metrics};
+use axum::{Router, middleware};
 use herald_shared::admin::{Admin, Readiness};
-use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
 use herald_shared::amqp::ConfirmChannel;
+use prometheus_client::registry::Registry;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// Room for form or JSON encoding around the largest accepted body (JSON
 /// escapes can take up to six bytes per character).
@@ -43,12 +43,14 @@ impl Application {
     /// connects to the broker. A broker that is down is not fatal: requests
     /// get 503 until it is back.
     pub async fn build(config: Config) -> Result<Self, Error> {
-        let users_file = config.users_file.as_deref().ok_or_else(|| Error::Config("HERALD_USERS_FILE is required".into()))?;
+        let users_file =
+            config.users_file.as_deref().ok_or_else(|| Error::Config("HERALD_USERS_FILE is required".into()))?;
         let users = Users::load(users_file)?;
         if users.is_empty() {
             tracing::warn!(file = %users_file.display(), "the users file lists no users: every request will get 401");
         }
-        let auth = Arc::new(Authenticator::new(users, Duration::from_secs(config.auth_cache_seconds), config.login_failures));
+        let auth =
+            Arc::new(Authenticator::new(users, Duration::from_secs(config.auth_cache_seconds), config.login_failures));
         let topology = config.broker.topology();
         let amqp_url = config.broker.url()?;
         let publisher = Arc::new(ConfirmChannel::new(&amqp_url, "herald-ingress", topology, Vec::new()));
@@ -64,8 +66,12 @@ impl Application {
         let admin = Admin::bind(config.admin_listen, registry, ready)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.admin_listen)))?;
-        let templates = Arc::new(Templates::load(config.alertmanager_template.as_deref(), config.grafana_template.as_deref())?);
-        let state = AppState { auth, publisher: Arc::clone(&publisher), max_body_bytes: config.max_body_bytes,
+        let templates =
+            Arc::new(Templates::load(config.alertmanager_template.as_deref(), config.grafana_template.as_deref())?);
+        let state = AppState {
+            auth,
+            publisher: Arc::clone(&publisher),
+            max_body_bytes: config.max_body_bytes,
             metrics: Arc::clone(&metrics),
             trust_forwarded_for: config.trust_forwarded_for,
             templates,

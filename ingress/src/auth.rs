@@ -11,18 +11,18 @@
 
 use crate::error::Error;
 use crate::throttle::Throttle;
-use std::net::IpAddr;
-use tokio::sync::Semaphore;
 use crate::users::{User, Users};
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
 use axum::http::HeaderMap;
 use base64::Engine;
-use blake2::digest::{KeyInit, Mac};
 use blake2::Blake2bMac512;
+use blake2::digest::{KeyInit, Mac};
 use herald_shared::Sender;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 /// Most remembered credentials at once; past it, expired ones are dropped
 /// and, if that is not enough, all of them.
@@ -201,7 +201,8 @@ mod tests {
 
     fn authenticator(ttl: Duration) -> Arc<Authenticator> {
         let hash = crate::hash_password::hash("s3cret:with colon").expect("hash");
-        let users = Users::parse(&format!("[[users]]\njid = \"a@example.com\"\npassword_hash = \"{hash}\"\n")).expect("users");
+        let users =
+            Users::parse(&format!("[[users]]\njid = \"a@example.com\"\npassword_hash = \"{hash}\"\n")).expect("users");
         Arc::new(Authenticator::new(users, ttl, 5))
     }
 
@@ -241,14 +242,25 @@ mod tests {
         auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT).await.expect("a script logs in");
         let guesser: IpAddr = "198.51.100.9".parse().expect("ip");
         for _ in 0..5 {
-            assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::Unauthorized)));
+            assert!(matches!(
+                auth.authenticate(&basic("a@example.com", "guess"), guesser).await,
+                Err(Error::Unauthorized)
+            ));
         }
         // The sixth failure locks the address and the account for a second.
         assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::Unauthorized)));
-        assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::TooManyAttempts(1))));
+        assert!(matches!(
+            auth.authenticate(&basic("a@example.com", "guess"), guesser).await,
+            Err(Error::TooManyAttempts(1))
+        ));
         let other: IpAddr = "203.0.113.1".parse().expect("ip");
-        assert!(matches!(auth.authenticate(&basic("a@example.com", "right?"), other).await, Err(Error::TooManyAttempts(_))), "the account is locked");
-        auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT).await.expect("the cached script is not locked out");
+        assert!(
+            matches!(auth.authenticate(&basic("a@example.com", "right?"), other).await, Err(Error::TooManyAttempts(_))),
+            "the account is locked"
+        );
+        auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT)
+            .await
+            .expect("the cached script is not locked out");
     }
 
     #[tokio::test]
@@ -259,7 +271,9 @@ mod tests {
         for _ in 0..6 {
             // `timeout` polls the check once (it reaches argon2 on the
             // blocking pool), then drops it: a client hanging up.
-            let dropped = tokio::time::timeout(Duration::ZERO, auth.authenticate(&basic("a@example.com", "guess"), guesser)).await;
+            let dropped =
+                tokio::time::timeout(Duration::ZERO, auth.authenticate(&basic("a@example.com", "guess"), guesser))
+                    .await;
             assert!(dropped.is_err(), "the check was still running");
             assert!(auth.verifying.available_permits() < parallel, "argon2 still holds its permit");
             let settled = std::time::Instant::now() + Duration::from_secs(10);
@@ -269,7 +283,10 @@ mod tests {
             }
         }
         // Six failures counted, though no request waited for its answer.
-        assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::TooManyAttempts(_))));
+        assert!(matches!(
+            auth.authenticate(&basic("a@example.com", "guess"), guesser).await,
+            Err(Error::TooManyAttempts(_))
+        ));
     }
 
     #[tokio::test]
@@ -280,7 +297,13 @@ mod tests {
         for _ in 0..6 {
             assert!(matches!(auth.authenticate(&basic(&long, "guess"), guesser).await, Err(Error::Unauthorized)));
         }
-        assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::TooManyAttempts(_))), "the address is locked");
+        assert!(
+            matches!(
+                auth.authenticate(&basic("a@example.com", "guess"), guesser).await,
+                Err(Error::TooManyAttempts(_))
+            ),
+            "the address is locked"
+        );
         let other: IpAddr = "203.0.113.2".parse().expect("ip");
         auth.authenticate(&basic("a@example.com", "s3cret:with colon"), other).await.expect("no account was locked");
         assert_eq!(shown(&long).len(), 64);

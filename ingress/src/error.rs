@@ -3,7 +3,7 @@
 //! errors at `warn`/`error` with their cause, and no internal detail reaches
 //! the client.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_shared::ValidationError;
 use serde::Serialize;
@@ -66,15 +66,15 @@ impl Error {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Malformed(_) => StatusCode::BAD_REQUEST,
-            Error::Invalid(ValidationError::BodyTooLong { .. }) | Error::TooLarge(_) => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            Error::Invalid(ValidationError::BodyTooLong { .. }) | Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::TooManyAttempts(_) | Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Internal(_) | Error::Config(_) | Error::Io(_) | Error::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Internal(_) | Error::Config(_) | Error::Io(_) | Error::Render(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 

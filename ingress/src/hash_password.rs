@@ -1,7 +1,7 @@
 //! `herald-ingress hash-password`: the one way to make a users-file entry.
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
 use std::io::{self, BufRead};
 
 /// Reads one line from stdin and returns its argon2id PHC string.

@@ -11,8 +11,8 @@
 
 use crate::error::Error;
 use crate::routes::AcceptedJob;
-use herald_shared::recently::Recently;
 use herald_shared::Sender;
+use herald_shared::recently::Recently;
 use std::time::Duration;
 
 pub const HEADER: &str = "idempotency-key";
@@ -24,7 +24,10 @@ pub const CAPACITY: usize = 64 * 1024;
 /// Reads the header: visible ASCII, 1 to 256 bytes.
 pub fn key_from(headers: &axum::http::HeaderMap) -> Result<Option<String>, Error> {
     let Some(value) = headers.get(HEADER) else { return Ok(None) };
-    let key = value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= MAX_KEY_BYTES && k.bytes().all(|b| b.is_ascii_graphic()));
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_BYTES && k.bytes().all(|b| b.is_ascii_graphic()));
     match key {
         Some(key) => Ok(Some(key.to_owned())),
         None => Err(Error::Malformed(format!("Idempotency-Key must be 1 to {MAX_KEY_BYTES} visible ASCII characters"))),
@@ -89,7 +92,11 @@ mod tests {
         let both = ["ops@x".to_owned(), "dba@x".to_owned()];
         accepted.put(&alice, "k", &both, vec![job.clone()]);
         let reversed = ["dba@x".to_owned(), "ops@x".to_owned()];
-        assert_eq!(accepted.get(&alice, "k", &reversed).map(|j| j[0].id), Some(job.id), "the same recipients in another order");
+        assert_eq!(
+            accepted.get(&alice, "k", &reversed).map(|j| j[0].id),
+            Some(job.id),
+            "the same recipients in another order"
+        );
         assert!(accepted.get(&bob, "k", &both).is_none());
         assert!(accepted.get(&alice, "other", &both).is_none());
         assert!(accepted.get(&alice, "k", &both[..1]).is_none(), "other recipients: a new request");
@@ -97,5 +104,4 @@ mod tests {
         forgetful.put(&alice, "k", &both, vec![job]);
         assert!(forgetful.get(&alice, "k", &both).is_none());
     }
-
 }

@@ -1,6 +1,6 @@
 use clap::Parser;
 use herald_ingress::config::{Cli, Command};
-use herald_ingress::{hash_password, Application};
+use herald_ingress::{Application, hash_password};
 use herald_shared::{admin, shutdown, telemetry};
 use std::process::ExitCode;
 

@@ -45,7 +45,8 @@ impl Metrics {
 
 /// Middleware counting every request by route pattern and status.
 pub async fn count_requests(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let route =
+        request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let response = next.run(request).await;
     metrics.requests.get_or_create(&RequestLabels { route, status: response.status().as_u16() }).inc();
     response

@@ -40,7 +40,9 @@ impl RawMessage {
 /// in the URL; the body's own fields take precedence.
 pub fn parse(content_type: Option<&str>, body: &[u8], query: RawMessage) -> Result<RawMessage, Error> {
     let content_type = content_type.ok_or_else(|| {
-        Error::UnsupportedMediaType("a Content-Type is required: text/plain, application/x-www-form-urlencoded or application/json".into())
+        Error::UnsupportedMediaType(
+            "a Content-Type is required: text/plain, application/x-www-form-urlencoded or application/json".into(),
+        )
     })?;
     let mime: mime::Mime = content_type
         .parse()
@@ -48,7 +50,8 @@ pub fn parse(content_type: Option<&str>, body: &[u8], query: RawMessage) -> Resu
     match (mime.type_(), mime.subtype()) {
         (mime::TEXT, mime::PLAIN) => {
             check_charset(&mime)?;
-            let text = std::str::from_utf8(body).map_err(|e| Error::Malformed(format!("body is not valid UTF-8: {e}")))?;
+            let text =
+                std::str::from_utf8(body).map_err(|e| Error::Malformed(format!("body is not valid UTF-8: {e}")))?;
             Ok(RawMessage { body: Some(text.to_owned()), ..query })
         }
         (mime::APPLICATION, mime::WWW_FORM_URLENCODED) => Ok(parse_form(body, "form")?.or(query)),
@@ -57,10 +60,14 @@ pub fn parse(content_type: Option<&str>, body: &[u8], query: RawMessage) -> Resu
             // serde would also read a struct from an array of its fields in
             // order; only an object is a message.
             if body.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| *b != b'{') {
-                return Err(Error::Invalid(herald_shared::ValidationError::WrongType("the JSON body must be an object".into())));
+                return Err(Error::Invalid(herald_shared::ValidationError::WrongType(
+                    "the JSON body must be an object".into(),
+                )));
             }
             let fields: RawMessage = serde_json::from_slice(body).map_err(|e| match e.classify() {
-                serde_json::error::Category::Data => Error::Invalid(herald_shared::ValidationError::WrongType(e.to_string())),
+                serde_json::error::Category::Data => {
+                    Error::Invalid(herald_shared::ValidationError::WrongType(e.to_string()))
+                }
                 _ => Error::Malformed(format!("cannot parse JSON: {e}")),
             })?;
             Ok(fields.or(query))
@@ -150,8 +157,14 @@ mod tests {
     #[test]
     fn form_fields_must_be_utf8() {
         let q = RawMessage::default();
-        assert!(matches!(parse(Some("application/x-www-form-urlencoded"), b"to=a&body=%FF%FE", q.clone()), Err(Error::Malformed(_))));
-        assert!(matches!(parse(Some("application/x-www-form-urlencoded"), b"to=a&body=\xff", q.clone()), Err(Error::Malformed(_))));
+        assert!(matches!(
+            parse(Some("application/x-www-form-urlencoded"), b"to=a&body=%FF%FE", q.clone()),
+            Err(Error::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(Some("application/x-www-form-urlencoded"), b"to=a&body=\xff", q.clone()),
+            Err(Error::Malformed(_))
+        ));
         let ok = parse(Some("application/x-www-form-urlencoded"), b"to=a&body=caf%C3%A9+%E2%9C%93", q).expect("utf-8");
         assert_eq!(ok.body.as_deref(), Some("caf\u{e9} \u{2713}"));
     }
@@ -164,10 +177,18 @@ mod tests {
 
     #[test]
     fn form_and_json_read_the_same_fields() {
-        let form = parse(Some("application/x-www-form-urlencoded"), b"to=bob&body=hi+there&type=headline&subject=s&thread=t", RawMessage::default())
-            .expect("form");
-        let json = parse(Some("application/json"), br#"{"to":"bob","body":"hi there","type":"headline","subject":"s","thread":"t","extra":1}"#, RawMessage::default())
-            .expect("json");
+        let form = parse(
+            Some("application/x-www-form-urlencoded"),
+            b"to=bob&body=hi+there&type=headline&subject=s&thread=t",
+            RawMessage::default(),
+        )
+        .expect("form");
+        let json = parse(
+            Some("application/json"),
+            br#"{"to":"bob","body":"hi there","type":"headline","subject":"s","thread":"t","extra":1}"#,
+            RawMessage::default(),
+        )
+        .expect("json");
         assert_eq!(form, json);
         assert_eq!(form.kind.as_deref(), Some("headline"));
     }
@@ -188,19 +209,34 @@ mod tests {
         let query = parse_query(Some("to=a&to=b%40c")).expect("query");
         assert_eq!(parse(Some("text/plain"), b"x", query).expect("text").to, ["a", "b@c"]);
         assert!(parse(Some("application/json"), br#"{"to":null,"body":"x"}"#, q.clone()).expect("null").to.is_empty());
-        assert!(matches!(parse(Some("application/json"), br#"{"to":["a",1],"body":"x"}"#, q.clone()), Err(Error::Invalid(_))));
-        assert!(matches!(parse(Some("application/x-www-form-urlencoded"), b"to=a&body=x&body=y", q), Err(Error::Malformed(_))));
+        assert!(matches!(
+            parse(Some("application/json"), br#"{"to":["a",1],"body":"x"}"#, q.clone()),
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            parse(Some("application/x-www-form-urlencoded"), b"to=a&body=x&body=y", q),
+            Err(Error::Malformed(_))
+        ));
     }
 
     #[test]
     fn refusals() {
         assert!(matches!(parse(None, b"x", RawMessage::default()), Err(Error::UnsupportedMediaType(_))));
         assert!(matches!(parse(Some("text/html"), b"x", RawMessage::default()), Err(Error::UnsupportedMediaType(_))));
-        assert!(matches!(parse(Some("text/plain; charset=latin1"), b"x", RawMessage::default()), Err(Error::UnsupportedMediaType(_))));
+        assert!(matches!(
+            parse(Some("text/plain; charset=latin1"), b"x", RawMessage::default()),
+            Err(Error::UnsupportedMediaType(_))
+        ));
         assert!(matches!(parse(Some("text/plain"), b"\xff", RawMessage::default()), Err(Error::Malformed(_))));
         assert!(matches!(parse(Some("application/json"), b"{", RawMessage::default()), Err(Error::Malformed(_))));
-        assert!(matches!(parse(Some("application/json"), br#"{"body": 5}"#, RawMessage::default()), Err(Error::Invalid(_))));
+        assert!(matches!(
+            parse(Some("application/json"), br#"{"body": 5}"#, RawMessage::default()),
+            Err(Error::Invalid(_))
+        ));
         assert!(matches!(parse(Some("application/json"), b"[1]", RawMessage::default()), Err(Error::Invalid(_))));
-        assert!(matches!(parse(Some("application/json"), br#" ["a@b", null, "body"]"#, RawMessage::default()), Err(Error::Invalid(_))));
+        assert!(matches!(
+            parse(Some("application/json"), br#" ["a@b", null, "body"]"#, RawMessage::default()),
+            Err(Error::Invalid(_))
+        ));
     }
 }

@@ -63,7 +63,9 @@ impl Pattern {
 impl Policy {
     /// From a users file entry's `allow`, `rate` and `burst`.
     pub fn parse(allow: Option<Vec<String>>, rate: Option<&str>, burst: Option<u32>) -> Result<Self, String> {
-        let allow = allow.map(|entries| entries.iter().map(|e| Pattern::parse(e)).collect::<Result<Vec<_>, _>>()).transpose()?;
+        let allow = allow
+            .map(|entries| entries.iter().map(|e| Pattern::parse(e)).collect::<Result<Vec<_>, _>>())
+            .transpose()?;
         let limit = match (rate, burst) {
             (None, None) => None,
             (None, Some(_)) => return Err("burst needs a rate".into()),
@@ -85,7 +87,8 @@ impl Policy {
         match limit.bucket.check_n(n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+                let wait =
+                    not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
                 Err(Error::RateLimited(wait.as_secs() + 1))
             }
             Err(_) => Err(Error::Invalid(herald_shared::ValidationError::TooManyRecipients {
@@ -127,8 +130,12 @@ mod tests {
 
     #[test]
     fn allow_lists_match_exact_jids_and_domains() {
-        let policy = Policy::parse(Some(vec!["Oncall@Example.com".into(), "*@rooms.example.com".into()]), None, None).expect("valid");
-        assert_eq!(policy.forbidden(&[to("oncall@example.com"), to("oncall@example.com/phone"), to("ops@rooms.example.com")]), None);
+        let policy = Policy::parse(Some(vec!["Oncall@Example.com".into(), "*@rooms.example.com".into()]), None, None)
+            .expect("valid");
+        assert_eq!(
+            policy.forbidden(&[to("oncall@example.com"), to("oncall@example.com/phone"), to("ops@rooms.example.com")]),
+            None
+        );
         let refused = [to("ops@rooms.example.com"), to("eve@example.com")];
         assert_eq!(policy.forbidden(&refused), Some(&refused[1]));
         assert!(policy.forbidden(&[to("rooms.example.com")]).is_some(), "the domain itself is not *@domain");

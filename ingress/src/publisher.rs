@@ -1,13 +1,13 @@
 //! Publishing jobs: persistent, mandatory, confirmed.
 
 use crate::error::Error;
+use herald_shared::Job;
 use herald_shared::amqp::ConfirmChannel;
 use herald_shared::job::CONTENT_TYPE;
 use herald_shared::topology::WORK_ROUTING_KEY;
-use herald_shared::Job;
 use herald_shared::topology::headers;
-use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 /// Hands a job to the broker; `Ok` only once the broker confirmed it was
 /// stored and routed to the work queue. An `idempotent` job's id came from

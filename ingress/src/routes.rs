@@ -3,23 +3,23 @@
 
 use crate::alerts::{self, Source, Templates};
 use crate::auth::Authenticator;
-use crate::idempotency;
 use crate::error::Error;
+use crate::idempotency;
 use crate::metrics::Metrics;
 use crate::payload::{self, RawMessage};
 use crate::publisher;
 use crate::users::User;
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{ConnectInfo, FromRequest, Path, Request, State};
-use std::net::{IpAddr, SocketAddr};
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use herald_shared::amqp::ConfirmChannel;
-use herald_shared::domain::{ShortText, MAX_SUBJECT_BYTES, MAX_THREAD_BYTES};
+use herald_shared::domain::{MAX_SUBJECT_BYTES, MAX_THREAD_BYTES, ShortText};
 use herald_shared::{Body, Job, MessageKind, Recipient, ValidationError};
 use serde::Serialize;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -135,7 +135,9 @@ async fn notification(
     let user = state.auth.authenticate(headers, client).await?;
     let body = read_body(request).await?;
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
-    if !content_type.is_some_and(|ct| ct.parse::<mime::Mime>().is_ok_and(|m| m.essence_str() == mime::APPLICATION_JSON.essence_str())) {
+    if !content_type.is_some_and(|ct| {
+        ct.parse::<mime::Mime>().is_ok_and(|m| m.essence_str() == mime::APPLICATION_JSON.essence_str())
+    }) {
         return Err(Error::UnsupportedMediaType("a notification is application/json".into()));
     }
     let rendered = state.templates.render(source, &body)?;
@@ -187,7 +189,8 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
     futures::future::try_join_all(jobs.iter().map(|job| publisher::publish(&state.publisher, job, idempotent))).await?;
     state.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
     state.metrics.jobs_published.inc_by(jobs.len() as u64);
-    let accepted: Vec<AcceptedJob> = jobs.iter().zip(&recipients).map(|(job, to)| AcceptedJob { id: job.id(), to: to.clone() }).collect();
+    let accepted: Vec<AcceptedJob> =
+        jobs.iter().zip(&recipients).map(|(job, to)| AcceptedJob { id: job.id(), to: to.clone() }).collect();
     if let Some(key) = &key {
         state.idempotency.put(&user.jid, key, &recipients, accepted.clone());
     }
@@ -257,7 +260,19 @@ pub fn build_jobs(user: &User, raw: RawMessage, max_body_bytes: usize) -> Result
 /// address in `X-Forwarded-For` (the one that proxy appended).
 fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
     let forwarded = trust_forwarded_for
-        .then(|| headers.get_all("x-forwarded-for").iter().next_back()?.to_str().ok()?.rsplit(',').next()?.trim().parse().ok())
+        .then(|| {
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .next_back()?
+                .to_str()
+                .ok()?
+                .rsplit(',')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        })
         .flatten();
     forwarded.unwrap_or(peer.ip())
 }

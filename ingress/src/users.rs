@@ -72,8 +72,14 @@ impl Users {
                 Some(from) => Sender::parse(&from).map_err(|e| format!("user {jid}: from: {e}"))?,
                 None => jid.clone(),
             };
-            let policy = Policy::parse(entry.allow, entry.rate.as_deref(), entry.burst).map_err(|e| format!("user {jid}: {e}"))?;
-            let user = User { jid: jid.clone(), password_hash: entry.password_hash, sender, policy: std::sync::Arc::new(policy) };
+            let policy = Policy::parse(entry.allow, entry.rate.as_deref(), entry.burst)
+                .map_err(|e| format!("user {jid}: {e}"))?;
+            let user = User {
+                jid: jid.clone(),
+                password_hash: entry.password_hash,
+                sender,
+                policy: std::sync::Arc::new(policy),
+            };
             if by_jid.insert(jid.clone(), user).is_some() {
                 return Err(format!("user {jid} is listed twice"));
             }

@@ -91,12 +91,17 @@ pub fn parse(text: &str) -> Result<Vec<Account>, String> {
         if accounts.iter().any(|a| a.jid == jid) {
             return Err(format!("account {jid} is listed twice"));
         }
-        let server = entry.server.as_deref().map(parse_server).transpose().map_err(|e| format!("account {jid}: {e}"))?;
+        let server =
+            entry.server.as_deref().map(parse_server).transpose().map_err(|e| format!("account {jid}: {e}"))?;
         if entry.tls == Tls::None && !server.as_ref().is_some_and(is_loopback) {
-            return Err(format!("account {jid}: tls = \"none\" is only allowed with a loopback server (127.0.0.1, ::1, localhost)"));
+            return Err(format!(
+                "account {jid}: tls = \"none\" is only allowed with a loopback server (127.0.0.1, ::1, localhost)"
+            ));
         }
         let nick = match entry.nick {
-            Some(nick) if nick.trim().is_empty() || nick.len() > 1023 => return Err(format!("account {jid}: nick must be 1 to 1023 bytes")),
+            Some(nick) if nick.trim().is_empty() || nick.len() > 1023 => {
+                return Err(format!("account {jid}: nick must be 1 to 1023 bytes"));
+            }
             Some(nick) => nick,
             None => jid.jid().node().map_or_else(|| "herald".to_owned(), |n| n.as_str().to_owned()),
         };
@@ -139,8 +144,13 @@ mod tests {
     #[test]
     fn plaintext_only_on_loopback() {
         assert!(parse("[[accounts]]\njid = \"a@x\"\npassword = \"p\"\ntls = \"none\"\n").is_err());
-        assert!(parse("[[accounts]]\njid = \"a@x\"\npassword = \"p\"\nserver = \"10.0.0.1:5222\"\ntls = \"none\"\n").is_err());
-        assert!(parse("[[accounts]]\njid = \"a@x\"\npassword = \"p\"\nserver = \"[::1]:5222\"\ntls = \"none\"\n").is_ok());
+        assert!(
+            parse("[[accounts]]\njid = \"a@x\"\npassword = \"p\"\nserver = \"10.0.0.1:5222\"\ntls = \"none\"\n")
+                .is_err()
+        );
+        assert!(
+            parse("[[accounts]]\njid = \"a@x\"\npassword = \"p\"\nserver = \"[::1]:5222\"\ntls = \"none\"\n").is_ok()
+        );
     }
 
     #[test]

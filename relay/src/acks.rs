@@ -17,8 +17,8 @@
 //! delivery tag", which closes the channel and redelivers everything
 //! unacked on it).
 
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 use tokio::sync::Notify;

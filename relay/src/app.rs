@@ -7,15 +7,15 @@ use crate::error::Error;
 use crate::metrics::{Metrics, QueueLabels};
 use crate::recent::Recent;
 use crate::seen::Seen;
+use crate::session::{self, SessionHandle};
 use herald_shared::admin::{Admin, Readiness};
+use herald_shared::amqp::ConfirmChannel;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use prometheus_client::registry::Registry;
-use std::time::Duration;
-use crate::session::{self, SessionHandle};
-use herald_shared::amqp::ConfirmChannel;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// How often the depth of the work and dead queues is sampled for metrics.
@@ -36,7 +36,8 @@ impl Application {
     /// Loads and checks the accounts file and binds the admin listener.
     /// Nothing connects until `run_until`.
     pub async fn build(config: Config) -> Result<Self, Error> {
-        let file = config.accounts_file.clone().ok_or_else(|| Error::Config("HERALD_ACCOUNTS_FILE is required".into()))?;
+        let file =
+            config.accounts_file.clone().ok_or_else(|| Error::Config("HERALD_ACCOUNTS_FILE is required".into()))?;
         let accounts = accounts::load(&file)?;
         let amqp_url = config.broker.url()?;
         if accounts.is_empty() {
@@ -71,8 +72,13 @@ impl Application {
         let mut session_tasks = Vec::new();
         let (bounces_tx, mut bounces) = tokio::sync::mpsc::unbounded_channel();
         for account in accounts {
-            let (handle, task): (SessionHandle, _) =
-                session::spawn(account, config.ack_timeout, bounces_tx.clone(), Arc::clone(&metrics), stop_sessions.clone());
+            let (handle, task): (SessionHandle, _) = session::spawn(
+                account,
+                config.ack_timeout,
+                bounces_tx.clone(),
+                Arc::clone(&metrics),
+                stop_sessions.clone(),
+            );
             sessions.insert(handle.jid().clone(), handle);
             session_tasks.push(task);
         }

@@ -8,7 +8,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "herald-relay", version, about = "Herald's relay: RabbitMQ → XMPP, acked only once the XMPP server acked")]
+#[command(
+    name = "herald-relay",
+    version,
+    about = "Herald's relay: RabbitMQ → XMPP, acked only once the XMPP server acked"
+)]
 #[command(subcommand_negates_reqs = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -135,7 +139,10 @@ mod tests {
 
     #[test]
     fn parses_delay_lists() {
-        assert_eq!(parse_delays("1s, 5s,2m").expect("ok").0, vec![Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(120)]);
+        assert_eq!(
+            parse_delays("1s, 5s,2m").expect("ok").0,
+            vec![Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(120)]
+        );
         assert_eq!(parse_delays("").expect("ok").0, Vec::<Duration>::new());
         assert!(parse_delays("0s").is_err());
         assert!(parse_delays("soon").is_err());

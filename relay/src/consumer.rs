@@ -7,12 +7,13 @@
 
 use crate::acks::Acks;
 use crate::error::DeliveryError;
-use crate::retry::{self, Next};
 use crate::metrics::{ConditionLabels, Metrics, Outcome};
 use crate::recent::{Delivered, Lookup, Recent};
+use crate::retry::{self, Next};
 use crate::seen::Seen;
 use crate::session::{Bounce, SessionHandle};
 use crate::stanza;
+use futures::FutureExt;
 use futures::StreamExt;
 use herald_shared::amqp::{self, ConfirmChannel, PublishError};
 use herald_shared::job::CONTENT_TYPE;
@@ -23,7 +24,6 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use std::collections::HashMap;
-use futures::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,7 +71,11 @@ impl Dispatcher {
         };
         let outcome = match (outcome, id) {
             (Ok(()), Some(id)) => {
-                let job = Delivered { data: delivery.data.as_slice().into(), attempts, timestamp: *delivery.properties.timestamp() };
+                let job = Delivered {
+                    data: delivery.data.as_slice().into(),
+                    attempts,
+                    timestamp: *delivery.properties.timestamp(),
+                };
                 match self.recent.delivered(id, job) {
                     None => Ok(()),
                     Some(bounce) => Err(bounce_error(&bounce)),
@@ -111,7 +115,8 @@ impl Dispatcher {
                 let id = id.map(|id| id.to_string());
                 // Boxed: the failure path's publish would otherwise make
                 // every delivery's task (spawned per job) several times larger.
-                Box::pin(self.settle_failure(id.as_deref(), &delivery.data, &delivery.properties, attempts, &error)).await
+                Box::pin(self.settle_failure(id.as_deref(), &delivery.data, &delivery.properties, attempts, &error))
+                    .await
             }
         };
         match settled {
@@ -177,10 +182,9 @@ impl Dispatcher {
     }
 
     async fn deliver(&self, job: &Job) -> Result<(), DeliveryError> {
-        let session = self
-            .sessions
-            .get(job.sender())
-            .ok_or_else(|| DeliveryError::Permanent(format!("no XMPP account is configured for sender {}", job.sender())))?;
+        let session = self.sessions.get(job.sender()).ok_or_else(|| {
+            DeliveryError::Permanent(format!("no XMPP account is configured for sender {}", job.sender()))
+        })?;
         let size = stanza::xml_size(job);
         if size > self.max_stanza_bytes {
             return Err(DeliveryError::Permanent(format!(
@@ -191,7 +195,14 @@ impl Dispatcher {
         session.deliver(stanza::message(job), self.online_timeout).await
     }
 
-    async fn retry(&self, data: &[u8], properties: &BasicProperties, delay: Duration, attempt: u32, reason: &str) -> Result<(), PublishError> {
+    async fn retry(
+        &self,
+        data: &[u8],
+        properties: &BasicProperties,
+        delay: Duration,
+        attempt: u32,
+        reason: &str,
+    ) -> Result<(), PublishError> {
         let mut table = carried_headers(properties);
         table.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempt));
         table.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
@@ -200,7 +211,13 @@ impl Dispatcher {
         self.publisher.publish("", &self.topology.retry_queue(delay), data, properties).await
     }
 
-    async fn park(&self, data: &[u8], properties: &BasicProperties, attempts: u32, reason: &str) -> Result<(), PublishError> {
+    async fn park(
+        &self,
+        data: &[u8],
+        properties: &BasicProperties,
+        attempts: u32,
+        reason: &str,
+    ) -> Result<(), PublishError> {
         let mut table = carried_headers(properties);
         table.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempts));
         table.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
@@ -237,7 +254,10 @@ fn carried_headers(p: &BasicProperties) -> FieldTable {
     let mut table = FieldTable::default();
     if let Some(h) = p.headers() {
         for (k, v) in h.inner() {
-            if k.as_str() != "x-death" && !k.as_str().starts_with("x-first-death") && !k.as_str().starts_with("x-last-death") {
+            if k.as_str() != "x-death"
+                && !k.as_str().starts_with("x-first-death")
+                && !k.as_str().starts_with("x-last-death")
+            {
                 table.insert(k.clone(), v.clone());
             }
         }
@@ -360,7 +380,11 @@ async fn drain(tracker: &TaskTracker, timeout: Duration) {
     tracker.reopen();
 }
 
-async fn open(url: &str, dispatcher: &Dispatcher, prefetch: u16) -> Result<(Connection, Channel, Consumer), lapin::Error> {
+async fn open(
+    url: &str,
+    dispatcher: &Dispatcher,
+    prefetch: u16,
+) -> Result<(Connection, Channel, Consumer), lapin::Error> {
     let connection = amqp::connect(url, "herald-relay consumer").await?;
     let channel = connection.create_channel().await?;
     dispatcher.topology.declare(&channel, &dispatcher.retry_delays).await?;

@@ -6,11 +6,11 @@
 //! only then removes it from the parking queue: a crash in between leaves a
 //! duplicate, never a loss.
 
-use herald_shared::amqp::BrokerArgs;
 use crate::consumer::copy_properties;
 use crate::error::Error;
+use herald_shared::amqp::BrokerArgs;
 use herald_shared::amqp::{self, ConfirmChannel};
-use herald_shared::topology::{headers, WORK_ROUTING_KEY};
+use herald_shared::topology::{WORK_ROUTING_KEY, headers};
 use herald_shared::{Job, Topology};
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
@@ -33,15 +33,14 @@ pub struct Parked {
 impl Parked {
     fn from_message(message: &BasicGetMessage) -> Self {
         let p = &message.delivery.properties;
-        let job = serde_json::from_slice(&message.delivery.data)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&message.delivery.data).into_owned()));
+        let job = serde_json::from_slice(&message.delivery.data).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&message.delivery.data).into_owned())
+        });
         Parked {
             id: p.message_id().as_ref().map(ToString::to_string),
             attempts: header(p, headers::ATTEMPT).and_then(as_u64),
             // Jobs the broker parked (delivery limit) carry its reason instead.
-            reason: header(p, headers::REASON)
-                .or_else(|| header(p, "x-first-death-reason"))
-                .and_then(as_text),
+            reason: header(p, headers::REASON).or_else(|| header(p, "x-first-death-reason")).and_then(as_text),
             parked_at_ms: header(p, headers::PARKED_AT).and_then(as_u64),
             job,
         }
@@ -77,7 +76,10 @@ pub async fn replay(broker: &BrokerArgs, ids: &[String]) -> Result<usize, Error>
     let connection = amqp::connect(&url, "herald-relay dead replay").await?;
     let channel = connection.create_channel().await?;
     let options = QueueDeclareOptions { passive: true, ..Default::default() };
-    let parked = channel.queue_declare(topology.dead_queue().as_str().into(), options, FieldTable::default()).await?.message_count();
+    let parked = channel
+        .queue_declare(topology.dead_queue().as_str().into(), options, FieldTable::default())
+        .await?
+        .message_count();
     let mut moved = 0;
     for _ in 0..parked {
         let Some(message) = get(&channel, &topology).await? else { break };
@@ -113,7 +115,11 @@ fn fresh_properties(p: &BasicProperties) -> BasicProperties {
     if let Some(h) = p.headers() {
         for (k, v) in h.inner() {
             let k = k.as_str();
-            if !k.starts_with("x-herald-") && !k.starts_with("x-death") && !k.starts_with("x-first-death") && !k.starts_with("x-last-death") {
+            if !k.starts_with("x-herald-")
+                && !k.starts_with("x-death")
+                && !k.starts_with("x-first-death")
+                && !k.starts_with("x-last-death")
+            {
                 table.insert(k.into(), v.clone());
             }
         }

@@ -11,11 +11,13 @@ use crate::accounts::{Account, Tls};
 use std::borrow::Cow;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
-use tokio_xmpp::connect::{DirectTlsServerConnector, DnsConfig, ServerConnector, StartTlsServerConnector, TcpServerConnector};
+use tokio_xmpp::connect::{
+    DirectTlsServerConnector, DnsConfig, ServerConnector, StartTlsServerConnector, TcpServerConnector,
+};
 use tokio_xmpp::error::{AuthError, Error as XmppError};
-use tokio_xmpp::parsers::sasl::DefinedCondition;
 use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::ns;
+use tokio_xmpp::parsers::sasl::DefinedCondition;
 use tokio_xmpp::stanzastream::Connection;
 use tokio_xmpp::xmlstream::{StreamHeader, Timeouts};
 
@@ -40,7 +42,9 @@ impl LoginState {
             XmppError::Auth(AuthError::Fail(condition @ DefinedCondition::TemporaryAuthFailure)) => {
                 Self::Unreachable(format!("the server could not check the login now: {condition:?}"))
             }
-            XmppError::Auth(AuthError::Fail(condition)) => Self::Rejected(format!("the server refused the login: {condition:?}")),
+            XmppError::Auth(AuthError::Fail(condition)) => {
+                Self::Rejected(format!("the server refused the login: {condition:?}"))
+            }
             XmppError::Auth(e) => Self::Rejected(e.to_string()),
             e => Self::Unreachable(e.to_string()),
         }
@@ -130,6 +134,9 @@ mod tests {
         let refused = XmppError::Auth(AuthError::Fail(DefinedCondition::NotAuthorized));
         assert!(matches!(LoginState::from_error(&refused), LoginState::Rejected(_)));
         let busy = XmppError::Auth(AuthError::Fail(DefinedCondition::TemporaryAuthFailure));
-        assert!(matches!(LoginState::from_error(&busy), LoginState::Unreachable(_)), "the server's trouble, retried quietly");
+        assert!(
+            matches!(LoginState::from_error(&busy), LoginState::Unreachable(_)),
+            "the server's trouble, retried quietly"
+        );
     }
 }

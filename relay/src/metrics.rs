@@ -72,7 +72,11 @@ impl Metrics {
             queue_messages: Family::default(),
         };
         registry.register("herald_deliveries", "Deliveries by outcome", metrics.deliveries.clone());
-        registry.register("herald_bounces", "Error stanzas bounced after the server accepted a message, by condition", metrics.bounces.clone());
+        registry.register(
+            "herald_bounces",
+            "Error stanzas bounced after the server accepted a message, by condition",
+            metrics.bounces.clone(),
+        );
         registry.register(
             "herald_delivery_latency_seconds",
             "Time from the ingress accepting a job to the XMPP server acknowledging its stanza",
@@ -80,7 +84,11 @@ impl Metrics {
         );
         registry.register("herald_sessions_online", "XMPP sender sessions online", metrics.sessions_online.clone());
         registry.register("herald_consuming", "1 while the relay consumes the work queue", metrics.consuming.clone());
-        registry.register("herald_queue_messages", "Messages ready in Herald's queues (sampled)", metrics.queue_messages.clone());
+        registry.register(
+            "herald_queue_messages",
+            "Messages ready in Herald's queues (sampled)",
+            metrics.queue_messages.clone(),
+        );
         Arc::new(metrics)
     }
 

@@ -140,7 +140,12 @@ mod tests {
     }
 
     fn bounce(n: u128) -> Bounce {
-        Bounce { id: id(n).to_string(), condition: "service-unavailable".into(), kind: "cancel".into(), from: "x@y".into() }
+        Bounce {
+            id: id(n).to_string(),
+            condition: "service-unavailable".into(),
+            kind: "cancel".into(),
+            from: "x@y".into(),
+        }
     }
 
     fn job() -> Delivered {

@@ -19,17 +19,17 @@ pub fn next_step(error: &DeliveryError, attempts_so_far: u32, schedule: &[Durati
         DeliveryError::Permanent(reason) => Next::Park { reason: reason.clone() },
         DeliveryError::Transient(reason) => match schedule.get(attempts_so_far as usize) {
             Some(delay) => Next::RetryAfter { delay: *delay, attempt: attempts_so_far.saturating_add(1) },
-            None => Next::Park { reason: format!("gave up after {} attempts; last error: {reason}", attempts_so_far.saturating_add(1)) },
+            None => Next::Park {
+                reason: format!("gave up after {} attempts; last error: {reason}", attempts_so_far.saturating_add(1)),
+            },
         },
         // Nothing is wrong with the job: its sender's session is down. It
         // waits out the outage at the schedule's longest step instead of
         // being parked, so an outage needs no replay afterwards.
-        DeliveryError::SenderOffline(reason) => {
-            match schedule.get(attempts_so_far as usize).or(schedule.last()) {
-                Some(delay) => Next::RetryAfter { delay: *delay, attempt: attempts_so_far.saturating_add(1) },
-                None => Next::Park { reason: format!("retries are disabled; {reason}") },
-            }
-        }
+        DeliveryError::SenderOffline(reason) => match schedule.get(attempts_so_far as usize).or(schedule.last()) {
+            Some(delay) => Next::RetryAfter { delay: *delay, attempt: attempts_so_far.saturating_add(1) },
+            None => Next::Park { reason: format!("retries are disabled; {reason}") },
+        },
     }
 }
 
@@ -52,7 +52,9 @@ mod tests {
         let e = DeliveryError::Transient("timeout".into());
         assert_eq!(next_step(&e, 0, &S), Next::RetryAfter { delay: S[0], attempt: 1 });
         assert_eq!(next_step(&e, 1, &S), Next::RetryAfter { delay: S[1], attempt: 2 });
-        assert!(matches!(next_step(&e, 2, &S), Next::Park { reason } if reason.contains("3 attempts") && reason.contains("timeout")));
+        assert!(
+            matches!(next_step(&e, 2, &S), Next::Park { reason } if reason.contains("3 attempts") && reason.contains("timeout"))
+        );
         // A forged x-herald-attempt header cannot overflow the count.
         assert!(matches!(next_step(&e, u32::MAX, &S), Next::Park { reason } if reason.contains(&u32::MAX.to_string())));
     }

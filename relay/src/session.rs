@@ -19,26 +19,26 @@ use crate::accounts::Account;
 use crate::error::DeliveryError;
 use crate::login::{self, LoginState};
 use crate::metrics::Metrics;
-use std::sync::Arc;
 use crate::stanza;
 use futures::StreamExt;
 use herald_shared::Sender;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_xmpp::Stanza;
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::jid::{BareJid, Jid};
+use tokio_xmpp::parsers::message::{Message, MessageType};
+use tokio_xmpp::parsers::muc::Muc;
 use tokio_xmpp::parsers::muc::muc::History;
 use tokio_xmpp::parsers::muc::user::{MucUser, Status};
-use tokio_xmpp::parsers::muc::Muc;
-use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
-use tokio_xmpp::parsers::message::{Message, MessageType};
 use tokio_xmpp::parsers::ping::Ping;
+use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
 use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use tokio_xmpp::stanzastream::{Event, StanzaStage, StanzaState, StanzaStream, StanzaToken, StreamEvent};
-use tokio_xmpp::Stanza;
 
 /// Stanzas queued inside tokio-xmpp per session, each way.
 const STREAM_QUEUE_DEPTH: usize = 1024;
@@ -137,7 +137,13 @@ impl SessionHandle {
     /// unless the server has refused the login, which will not change by
     /// waiting.
     pub async fn deliver(&self, message: Message, online_timeout: Duration) -> Result<(), DeliveryError> {
-        let offline = || DeliveryError::SenderOffline(format!("XMPP session of {} is {}", self.jid, self.offline_reason().unwrap_or_else(|| "closed".into())));
+        let offline = || {
+            DeliveryError::SenderOffline(format!(
+                "XMPP session of {} is {}",
+                self.jid,
+                self.offline_reason().unwrap_or_else(|| "closed".into())
+            ))
+        };
         if matches!(*self.login.borrow(), LoginState::Rejected(_)) && !self.is_online() {
             return Err(offline());
         }
@@ -151,12 +157,19 @@ impl SessionHandle {
         // goes out, then for the server's acknowledgement.
         let in_flight = match tokio::time::timeout(self.ack_timeout, sent).await {
             Ok(Ok(sent)) => sent?,
-            Ok(Err(_)) => return Err(DeliveryError::Transient(format!("XMPP session of {} dropped the job", self.jid))),
-            Err(_) => return Err(DeliveryError::Transient(format!("not sent within {:?} (waiting for the session or a room join)", self.ack_timeout))),
+            Ok(Err(_)) => {
+                return Err(DeliveryError::Transient(format!("XMPP session of {} dropped the job", self.jid)));
+            }
+            Err(_) => {
+                return Err(DeliveryError::Transient(format!(
+                    "not sent within {:?} (waiting for the session or a room join)",
+                    self.ack_timeout
+                )));
+            }
         };
-        tokio::time::timeout(self.ack_timeout, confirmed(in_flight))
-            .await
-            .unwrap_or_else(|_| Err(DeliveryError::Transient(format!("no acknowledgement within {:?}", self.ack_timeout))))
+        tokio::time::timeout(self.ack_timeout, confirmed(in_flight)).await.unwrap_or_else(|_| {
+            Err(DeliveryError::Transient(format!("no acknowledgement within {:?}", self.ack_timeout)))
+        })
     }
 }
 
@@ -173,7 +186,13 @@ pub fn spawn(
     let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE_DEPTH);
     let (online_tx, online_rx) = watch::channel(false);
     let (login_tx, login_rx) = watch::channel(LoginState::Connecting);
-    let handle = SessionHandle { jid: account.jid.clone(), ack_timeout, jobs: jobs_tx, online: online_rx, login: login_rx.clone() };
+    let handle = SessionHandle {
+        jid: account.jid.clone(),
+        ack_timeout,
+        jobs: jobs_tx,
+        online: online_rx,
+        login: login_rx.clone(),
+    };
     let session = Session {
         stream: StanzaStream::new(login::connector(&account, login_tx.clone()), STREAM_QUEUE_DEPTH),
         login_tx,
@@ -238,7 +257,11 @@ impl Session {
 
     fn set_online(&self, online: bool) {
         if self.online.send_replace(online) != online {
-            if online { self.metrics.sessions_online.inc() } else { self.metrics.sessions_online.dec() };
+            if online {
+                self.metrics.sessions_online.inc()
+            } else {
+                self.metrics.sessions_online.dec()
+            };
         }
     }
 
@@ -352,13 +375,18 @@ impl Session {
             return;
         }
         let own = from.resource().is_some_and(|r| r.as_str() == self.account.nick)
-            || presence.payloads.iter().filter_map(|p| MucUser::try_from(p.clone()).ok()).any(|u| u.status.contains(&Status::SelfPresence));
+            || presence
+                .payloads
+                .iter()
+                .filter_map(|p| MucUser::try_from(p.clone()).ok())
+                .any(|u| u.status.contains(&Status::SelfPresence));
         match presence.type_ {
             PresenceType::Error => {
                 let (kind, condition) = stanza::error_in(&presence.payloads);
                 tracing::info!(account = %self.account.jid, %room, %condition, %kind, "the room refused the join");
                 let reason = format!("room {room} refused the join: {condition} ({kind})");
-                let error = if kind == "wait" { DeliveryError::Transient(reason) } else { DeliveryError::Permanent(reason) };
+                let error =
+                    if kind == "wait" { DeliveryError::Transient(reason) } else { DeliveryError::Permanent(reason) };
                 self.leave_failing(&room, &error);
             }
             PresenceType::Unavailable if own => {
@@ -394,7 +422,8 @@ impl Session {
         let occupant = match room.with_resource_str(&self.account.nick) {
             Ok(occupant) => occupant,
             Err(e) => {
-                let error = DeliveryError::Permanent(format!("nick {:?} is not valid in room {room}: {e}", self.account.nick));
+                let error =
+                    DeliveryError::Permanent(format!("nick {:?} is not valid in room {room}: {e}", self.account.nick));
                 self.leave_failing(room, &error);
                 return;
             }
@@ -474,8 +503,14 @@ async fn confirmed(InFlight { mut token, ping }: InFlight) -> Result<(), Deliver
     match token.wait_for(stage).await {
         Some(StanzaState::Acked { .. }) => return Ok(()),
         Some(StanzaState::Sent { .. }) if ping.is_some() => {}
-        Some(StanzaState::Failed { error }) => return Err(DeliveryError::Transient(format!("XMPP send failed: {error}"))),
-        _ => return Err(DeliveryError::Transient("XMPP stream was reset before the server acknowledged the message".into())),
+        Some(StanzaState::Failed { error }) => {
+            return Err(DeliveryError::Transient(format!("XMPP send failed: {error}")));
+        }
+        _ => {
+            return Err(DeliveryError::Transient(
+                "XMPP stream was reset before the server acknowledged the message".into(),
+            ));
+        }
     }
     match ping {
         Some(answer) => answer

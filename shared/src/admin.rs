@@ -7,11 +7,11 @@
 //!   reason in the body.
 //! - `GET /metrics`: the registry in the Prometheus/OpenMetrics text format.
 
+use axum::Router;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
 use prometheus_client::registry::Registry;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -71,7 +71,11 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     let mut text = String::new();
     match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
-        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text),
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            text,
+        ),
         Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain")], String::new()),
     }
 }
@@ -91,7 +95,8 @@ pub fn healthcheck(addr: SocketAddr) -> Result<(), String> {
         target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let timeout = Duration::from_secs(3);
-    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout).map_err(|e| format!("cannot reach {target}: {e}"))?;
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&target, timeout).map_err(|e| format!("cannot reach {target}: {e}"))?;
     stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
     stream
         .write_all(format!("GET /readyz HTTP/1.0\r\nHost: {target}\r\n\r\n").as_bytes())

@@ -41,8 +41,9 @@ pub fn read_secret_file(path: &std::path::Path) -> std::io::Result<String> {
 /// The broker URL: from `file` if one is given, else `url`.
 pub fn url_or_file(url: &str, file: Option<&std::path::Path>) -> std::io::Result<String> {
     match file {
-        Some(path) => read_secret_file(path)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot read the AMQP URL from {}: {e}", path.display()))),
+        Some(path) => read_secret_file(path).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot read the AMQP URL from {}: {e}", path.display()))
+        }),
         None => Ok(url.to_owned()),
     }
 }

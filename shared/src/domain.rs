@@ -71,7 +71,9 @@ pub fn xml_safe(text: &str) -> std::borrow::Cow<'_, str> {
     if text.chars().all(is_xml_char) {
         return std::borrow::Cow::Borrowed(text);
     }
-    std::borrow::Cow::Owned(text.chars().map(|c| if is_xml_char(c) { c } else { char::REPLACEMENT_CHARACTER }).collect())
+    std::borrow::Cow::Owned(
+        text.chars().map(|c| if is_xml_char(c) { c } else { char::REPLACEMENT_CHARACTER }).collect(),
+    )
 }
 
 fn is_xml_char(c: char) -> bool {
@@ -321,9 +323,18 @@ mod tests {
     #[test]
     fn full_jids_and_domains_are_kept() {
         let d = domain();
-        assert_eq!(Recipient::parse("bob@other.org/phone", d.domain()).expect("valid").to_string(), "bob@other.org/phone");
-        assert_eq!(Recipient::parse("first.last/desk", d.domain()).expect("valid").to_string(), "first.last@example.com/desk");
-        assert_eq!(Recipient::parse("ops@conference.example.com", d.domain()).expect("valid").to_string(), "ops@conference.example.com");
+        assert_eq!(
+            Recipient::parse("bob@other.org/phone", d.domain()).expect("valid").to_string(),
+            "bob@other.org/phone"
+        );
+        assert_eq!(
+            Recipient::parse("first.last/desk", d.domain()).expect("valid").to_string(),
+            "first.last@example.com/desk"
+        );
+        assert_eq!(
+            Recipient::parse("ops@conference.example.com", d.domain()).expect("valid").to_string(),
+            "ops@conference.example.com"
+        );
     }
 
     #[test]
@@ -340,10 +351,7 @@ mod tests {
     #[test]
     fn bodies_must_be_xml_text() {
         assert_eq!(Body::parse(" \n".into(), 100), Err(ValidationError::EmptyBody));
-        assert_eq!(
-            Body::parse("a\u{1}b".into(), 100),
-            Err(ValidationError::NotXmlText { field: "body", code: 1 })
-        );
+        assert_eq!(Body::parse("a\u{1}b".into(), 100), Err(ValidationError::NotXmlText { field: "body", code: 1 }));
         assert!(matches!(Body::parse("x".repeat(101), 100), Err(ValidationError::BodyTooLong { .. })));
         // The limit is on the escaped text: 20 `&` are 100 bytes of XML.
         assert!(Body::parse("&".repeat(20), 100).is_ok());

@@ -12,5 +12,5 @@ pub mod telemetry;
 pub mod topology;
 
 pub use domain::{Body, MessageKind, Recipient, Sender, ValidationError};
-pub use job::{Job, JobV1, JobDecodeError};
+pub use job::{Job, JobDecodeError, JobV1};
 pub use topology::Topology;

@@ -28,7 +28,9 @@ pub fn bin_dir() -> &'static PathBuf {
         // see them as a changed environment and rebuild. Leave them out.
         for (key, _) in std::env::vars_os() {
             let key = key.to_string_lossy();
-            if (key.starts_with("CARGO_") && !matches!(&*key, "CARGO_HOME" | "CARGO_TARGET_DIR")) || key.starts_with("NEXTEST") {
+            if (key.starts_with("CARGO_") && !matches!(&*key, "CARGO_HOME" | "CARGO_TARGET_DIR"))
+                || key.starts_with("NEXTEST")
+            {
                 build.env_remove(&*key);
             }
         }
@@ -124,9 +126,22 @@ pub struct ServiceEnv {
 
 impl ServiceEnv {
     /// Free ports for the ingress and both admin listeners.
-    pub fn new(amqp_url: String, prefix: String, users_file: std::path::PathBuf, accounts_file: std::path::PathBuf) -> Self {
+    pub fn new(
+        amqp_url: String,
+        prefix: String,
+        users_file: std::path::PathBuf,
+        accounts_file: std::path::PathBuf,
+    ) -> Self {
         use crate::prosody::free_port;
-        Self { amqp_url, prefix, ingress_port: free_port(), ingress_admin_port: free_port(), relay_admin_port: free_port(), users_file, accounts_file }
+        Self {
+            amqp_url,
+            prefix,
+            ingress_port: free_port(),
+            ingress_admin_port: free_port(),
+            relay_admin_port: free_port(),
+            users_file,
+            accounts_file,
+        }
     }
 
     pub fn ingress(&self) -> Vec<(&'static str, String)> {

@@ -1,6 +1,8 @@
 //! The RabbitMQ the tests use: `HERALD_TEST_AMQP_URL`, or the local broker.
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use std::time::Duration;
@@ -24,7 +26,12 @@ impl Broker {
     /// Connects to the broker, or panics with what to do about it.
     pub async fn connect() -> Self {
         let url = url();
-        let connection = match tokio::time::timeout(Duration::from_secs(10), herald_shared::amqp::connect(&url, "herald-tests")).await {
+        let connection = match tokio::time::timeout(
+            Duration::from_secs(10),
+            herald_shared::amqp::connect(&url, "herald-tests"),
+        )
+        .await
+        {
             Ok(Ok(c)) => c,
             other => panic!(
                 "RabbitMQ is not reachable at {} ({:?}). Install and start it (`apt-get install -y rabbitmq-server && \

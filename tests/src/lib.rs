@@ -7,8 +7,8 @@ pub mod binaries;
 pub mod broker;
 pub mod load;
 pub mod poll;
-pub mod proxy;
 pub mod prosody;
+pub mod proxy;
 pub mod receiver;
 pub mod stack;
 

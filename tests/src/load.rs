@@ -3,8 +3,8 @@
 use crate::receiver::Received;
 use futures::StreamExt;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// How long one message keeps being retried (503, connection refused)
@@ -55,7 +55,10 @@ pub async fn burst(
                         return (json["jobs"][0]["id"].as_str().expect("job id").to_owned(), body);
                     }
                     refused.fetch_add(1, Ordering::SeqCst);
-                    assert!(tokio::time::Instant::now() < end, "message {i} not accepted within {PER_MESSAGE_DEADLINE:?}");
+                    assert!(
+                        tokio::time::Instant::now() < end,
+                        "message {i} not accepted within {PER_MESSAGE_DEADLINE:?}"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }

@@ -1,8 +1,8 @@
 //! A TCP proxy between the services and a server (the broker), so that a
 //! test can cut and restore the link without touching the shared broker.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -56,7 +56,8 @@ impl Proxy {
     /// `amqp://…` URL `url` with its host and port replaced by this proxy.
     pub fn amqp_url(&self, url: &str) -> String {
         let (scheme, rest) = url.split_once("://").expect("URL with scheme");
-        let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
+        let (authority, path) =
+            rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
         let credentials = authority.rsplit_once('@').map(|(c, _)| format!("{c}@")).unwrap_or_default();
         format!("{scheme}://{credentials}127.0.0.1:{}{path}", self.port)
     }

@@ -55,8 +55,16 @@ impl Receiver {
             tokio::spawn(run(prosody.port, account.clone(), online_tx, stage_tx, channels));
             match tokio::time::timeout(ATTEMPT, online_rx).await {
                 Ok(Ok(())) => return Self { account: account.clone(), messages, others, outgoing, stop: Some(stop) },
-                Ok(Err(_)) => eprintln!("receiver {}: its task ended at stage {:?}; attempt {attempt}", account.jid, *stage.borrow()),
-                Err(_) => eprintln!("receiver {}: not online after {ATTEMPT:?}, at stage {:?}; attempt {attempt}", account.jid, *stage.borrow()),
+                Ok(Err(_)) => eprintln!(
+                    "receiver {}: its task ended at stage {:?}; attempt {attempt}",
+                    account.jid,
+                    *stage.borrow()
+                ),
+                Err(_) => eprintln!(
+                    "receiver {}: not online after {ATTEMPT:?}, at stage {:?}; attempt {attempt}",
+                    account.jid,
+                    *stage.borrow()
+                ),
             }
             let _ = stop.send(());
         }
@@ -68,14 +76,22 @@ impl Receiver {
     pub async fn join_room(&mut self, room: &str, nick: &str) {
         let occupant: tokio_xmpp::jid::Jid = format!("{room}/{nick}").parse().expect("occupant JID");
         let mut presence = Presence::available().with_to(occupant.clone());
-        presence.add_payload(tokio_xmpp::parsers::muc::Muc::new().with_history(tokio_xmpp::parsers::muc::muc::History::new().with_maxstanzas(0)));
+        presence.add_payload(
+            tokio_xmpp::parsers::muc::Muc::new()
+                .with_history(tokio_xmpp::parsers::muc::muc::History::new().with_maxstanzas(0)),
+        );
         self.outgoing.send(presence.into()).expect("receiver task alive");
         let joined = async {
             while let Some(stanza) = self.others.recv().await {
                 if let Stanza::Presence(p) = stanza
                     && p.from.as_ref() == Some(&occupant)
                 {
-                    assert_ne!(p.type_, tokio_xmpp::parsers::presence::Type::Error, "{} cannot join {room}", self.account.jid);
+                    assert_ne!(
+                        p.type_,
+                        tokio_xmpp::parsers::presence::Type::Error,
+                        "{} cannot join {room}",
+                        self.account.jid
+                    );
                     return;
                 }
             }
@@ -89,7 +105,10 @@ impl Receiver {
     /// answer.
     pub async fn configure_room(&mut self, room: &str, fields: &[(&str, &str)]) {
         use tokio_xmpp::parsers::iq::Iq;
-        let fields: String = fields.iter().map(|(var, value)| format!("<field var='muc#roomconfig_{var}'><value>{value}</value></field>")).collect();
+        let fields: String = fields
+            .iter()
+            .map(|(var, value)| format!("<field var='muc#roomconfig_{var}'><value>{value}</value></field>"))
+            .collect();
         let form = format!(
             "<query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'>\
              <field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#roomconfig</value></field>{fields}</x></query>"
@@ -102,7 +121,9 @@ impl Receiver {
             while let Some(stanza) = self.others.recv().await {
                 match stanza {
                     Stanza::Iq(Iq::Result { id: answer, .. }) if answer == id => return,
-                    Stanza::Iq(Iq::Error { id: answer, error, .. }) if answer == id => panic!("{room} refused the configuration: {error:?}"),
+                    Stanza::Iq(Iq::Error { id: answer, error, .. }) if answer == id => {
+                        panic!("{room} refused the configuration: {error:?}")
+                    }
                     _ => {}
                 }
             }
@@ -181,7 +202,9 @@ async fn run(
                 }
                 stage.send_replace("presence sent, waiting for it to come back");
             }
-            Event::Stanza(Stanza::Presence(p)) if p.from.as_ref().is_some_and(|f| f.to_bare().to_string() == account.jid) => {
+            Event::Stanza(Stanza::Presence(p))
+                if p.from.as_ref().is_some_and(|f| f.to_bare().to_string() == account.jid) =>
+            {
                 if let Some(online) = online.take() {
                     stage.send_replace("ready");
                     let _ = online.send(());

@@ -70,8 +70,11 @@ impl Stack {
         let dir = tempfile::Builder::new().prefix("herald-stack-").tempdir().expect("tempdir");
         let users_file = dir.path().join("users.toml");
         let accounts_file = dir.path().join("accounts.toml");
-        std::fs::write(&users_file, format!("{}{}", user_entry(&sender.jid, &http_password, None), options.extra_users))
-            .expect("users file");
+        std::fs::write(
+            &users_file,
+            format!("{}{}", user_entry(&sender.jid, &http_password, None), options.extra_users),
+        )
+        .expect("users file");
         std::fs::write(&accounts_file, prosody.accounts_entry(&sender)).expect("accounts file");
         let amqp_url = options.service_amqp_url.clone().unwrap_or_else(|| broker.url.clone());
         let stop = CancellationToken::new();
@@ -113,7 +116,12 @@ impl Stack {
     }
 
     /// POSTs `body` to `path` as the sender's HTTP user.
-    pub async fn post(&self, path: &str, content_type: Option<&str>, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
         self.post_as(&self.sender.jid, &self.http_password, path, content_type, body).await
     }
 
@@ -125,7 +133,8 @@ impl Stack {
         content_type: Option<&str>,
         body: impl Into<reqwest::Body>,
     ) -> reqwest::Response {
-        let mut request = self.http.post(format!("{}{path}", self.ingress_url)).basic_auth(user, Some(password)).body(body);
+        let mut request =
+            self.http.post(format!("{}{path}", self.ingress_url)).basic_auth(user, Some(password)).body(body);
         if let Some(ct) = content_type {
             request = request.header("content-type", ct);
         }
@@ -163,7 +172,12 @@ pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> hera
     }
 }
 
-pub fn relay_config(amqp_url: &str, prefix: &str, accounts_file: PathBuf, retry_delays: &[Duration]) -> herald_relay::config::Config {
+pub fn relay_config(
+    amqp_url: &str,
+    prefix: &str,
+    accounts_file: PathBuf,
+    retry_delays: &[Duration],
+) -> herald_relay::config::Config {
     herald_relay::config::Config {
         broker: broker_args(amqp_url, prefix),
         admin_listen: "127.0.0.1:0".parse().expect("addr"),

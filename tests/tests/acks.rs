@@ -23,11 +23,17 @@ async fn a_batch_ack_after_a_requeue_settles_the_rest_and_keeps_the_channel() {
     }
     let work = topology.work_queue();
     channel.basic_qos(10, BasicQosOptions::default()).await.expect("qos");
-    let mut consumer =
-        channel.basic_consume(work.as_str().into(), "acks-test".into(), BasicConsumeOptions::default(), FieldTable::default()).await.expect("consume");
+    let mut consumer = channel
+        .basic_consume(work.as_str().into(), "acks-test".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume");
     let mut tags = Vec::new();
     while tags.len() < 3 {
-        let delivery = tokio::time::timeout(crate::ARRIVAL, consumer.next()).await.expect("3 deliveries in time").expect("a delivery").expect("ok");
+        let delivery = tokio::time::timeout(crate::ARRIVAL, consumer.next())
+            .await
+            .expect("3 deliveries in time")
+            .expect("a delivery")
+            .expect("ok");
         tags.push(delivery.delivery_tag);
     }
     // No more deliveries to this consumer: a requeued job stays in the queue.
@@ -44,7 +50,10 @@ async fn a_batch_ack_after_a_requeue_settles_the_rest_and_keeps_the_channel() {
     // A round trip on the same channel comes after the ack: it fails if the
     // broker closed the channel over it (which put 1 and 2 back too).
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-    channel.queue_declare(work.as_str().into(), passive, FieldTable::default()).await.expect("the channel is still open");
+    channel
+        .queue_declare(work.as_str().into(), passive, FieldTable::default())
+        .await
+        .expect("the channel is still open");
     // The quorum queue takes the requeued job back asynchronously.
     herald_tests::poll::until("the requeued job to be back in the queue", crate::ARRIVAL, || async {
         (broker.ready(&work).await == 1).then_some(())

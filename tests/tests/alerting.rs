@@ -2,7 +2,7 @@
 //! payloads (tests/fixtures/), through the real stack: one message each,
 //! rendered by the default templates, to one or several recipients.
 
-use crate::{ARRIVAL, ALERTMANAGER, GRAFANA};
+use crate::{ALERTMANAGER, ARRIVAL, GRAFANA};
 use herald_tests::{Receiver, Stack, StackOptions};
 use std::time::Duration;
 
@@ -29,7 +29,8 @@ async fn an_alertmanager_notification_arrives_as_one_readable_message() {
 
     // Several recipients in the query string; the type too.
     let path = format!("/alertmanager?to={}&to={}&type=headline", oncall.jid, backup.jid);
-    let response = stack.post(&path, Some("application/json"), ALERTMANAGER.replace("\"firing\"", "\"resolved\"")).await;
+    let response =
+        stack.post(&path, Some("application/json"), ALERTMANAGER.replace("\"firing\"", "\"resolved\"")).await;
     assert_eq!(response.status(), 202);
     for rx in [&mut oncall_rx, &mut backup_rx] {
         let m = rx.next(ARRIVAL).await.expect("each recipient gets the resolved notification");
@@ -75,16 +76,32 @@ async fn a_bad_notification_is_refused_and_queues_nothing() {
     let work = stack.broker.topology().work_queue();
     let cases = [
         ("/alertmanager/ops", Some("text/plain"), ALERTMANAGER.to_owned(), 415),
-        ("/alertmanager/ops", Some("application/json"), ALERTMANAGER.replace("\"version\": \"4\"", "\"version\": \"3\""), 400),
+        (
+            "/alertmanager/ops",
+            Some("application/json"),
+            ALERTMANAGER.replace("\"version\": \"4\"", "\"version\": \"3\""),
+            400,
+        ),
         ("/alertmanager/ops", Some("application/json"), "{\"version\": \"4\"".to_owned(), 400),
-        ("/grafana/ops", Some("application/json"), GRAFANA.replace("\"status\": \"firing\",\n  \"orgId\"", "\"status\": \"on fire\",\n  \"orgId\""), 400),
+        (
+            "/grafana/ops",
+            Some("application/json"),
+            GRAFANA.replace("\"status\": \"firing\",\n  \"orgId\"", "\"status\": \"on fire\",\n  \"orgId\""),
+            400,
+        ),
         ("/alertmanager", Some("application/json"), ALERTMANAGER.to_owned(), 422),
     ];
     for (path, content_type, body, status) in cases {
         let response = stack.post(path, content_type, body).await;
         assert_eq!(response.status().as_u16(), status, "{path} {content_type:?}");
     }
-    let anonymous = stack.http.post(format!("{}/alertmanager/ops", stack.ingress_url)).body(ALERTMANAGER).send().await.expect("HTTP");
+    let anonymous = stack
+        .http
+        .post(format!("{}/alertmanager/ops", stack.ingress_url))
+        .body(ALERTMANAGER)
+        .send()
+        .await
+        .expect("HTTP");
     assert_eq!(anonymous.status(), 401, "authenticated like every other route");
     // Authenticated before its body is read: an anonymous upload announcing
     // more than the limit is answered 401 without a byte of it being read.
@@ -101,10 +118,13 @@ async fn status_of_headers_only(base: &str, path: &str, length: usize) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let authority = base.trim_start_matches("http://");
     let mut tcp = tokio::net::TcpStream::connect(authority).await.expect("connect");
-    let head = format!("POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
     tcp.write_all(head.as_bytes()).await.expect("write");
     let mut answer = vec![0; 64];
-    let n = tokio::time::timeout(ARRIVAL, tcp.read(&mut answer)).await.expect("an answer before the body").expect("read");
+    let n =
+        tokio::time::timeout(ARRIVAL, tcp.read(&mut answer)).await.expect("an answer before the body").expect("read");
     let line = String::from_utf8_lossy(&answer[..n]).into_owned();
     line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {line:?}"))
 }

@@ -17,10 +17,17 @@ fn the_benchmark_runs_and_loses_nothing() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "herald-bench failed:\n{stderr}\n{stdout}");
     let row = |what: &str| {
-        stdout.lines().find(|line| line.contains(what)).unwrap_or_else(|| panic!("no row for {what:?} in:\n{stdout}")).to_owned()
+        stdout
+            .lines()
+            .find(|line| line.contains(what))
+            .unwrap_or_else(|| panic!("no row for {what:?} in:\n{stdout}"))
+            .to_owned()
     };
     assert!(row("end to end: messages per second").contains("300/300 delivered, 0 lost"), "{stdout}");
-    assert!(row("the backlog draining").contains("delivery kept up"), "300 messages leave too little to drain:\n{stdout}");
+    assert!(
+        row("the backlog draining").contains("delivery kept up"),
+        "300 messages leave too little to drain:\n{stdout}"
+    );
     assert!(row("end to end latency").contains("200/200 delivered, 0 lost"), "{stdout}");
     assert!(row("XMPP ceiling").contains("300/300 received"), "{stdout}");
     for service in ["herald-ingress", "herald-relay"] {

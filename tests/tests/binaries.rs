@@ -3,7 +3,7 @@
 
 use herald_tests::binaries::{self, Service, ServiceEnv};
 use herald_tests::stack::user_entry;
-use herald_tests::{poll, Broker, Prosody, Receiver};
+use herald_tests::{Broker, Prosody, Receiver, poll};
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -83,7 +83,19 @@ fn help_documents_every_setting() {
         String::from_utf8(out.stdout).expect("utf-8")
     };
     let ingress = help("herald-ingress");
-    for name in ["HERALD_LISTEN", "HERALD_AMQP_URL", "HERALD_AMQP_PREFIX", "HERALD_USERS_FILE", "HERALD_ADMIN_LISTEN", "HERALD_MAX_BODY_BYTES", "HERALD_AUTH_CACHE_SECONDS", "HERALD_AMQP_URL_FILE", "HERALD_LOGIN_FAILURES", "hash-password", "healthcheck"] {
+    for name in [
+        "HERALD_LISTEN",
+        "HERALD_AMQP_URL",
+        "HERALD_AMQP_PREFIX",
+        "HERALD_USERS_FILE",
+        "HERALD_ADMIN_LISTEN",
+        "HERALD_MAX_BODY_BYTES",
+        "HERALD_AUTH_CACHE_SECONDS",
+        "HERALD_AMQP_URL_FILE",
+        "HERALD_LOGIN_FAILURES",
+        "hash-password",
+        "healthcheck",
+    ] {
         assert!(ingress.contains(name), "herald-ingress --help mentions {name}");
     }
     let relay = help("herald-relay");

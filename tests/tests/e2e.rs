@@ -2,13 +2,13 @@
 //! client. Every test uses its own queue prefix and fresh accounts.
 
 use crate::ARRIVAL;
+use herald_shared::topology::headers;
+use herald_tests::broker::header_text;
 use herald_tests::receiver::Received;
-use herald_tests::{poll, Receiver, Stack, StackOptions};
+use herald_tests::{Receiver, Stack, StackOptions, poll};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::collections::HashMap;
-use herald_shared::topology::headers;
-use herald_tests::broker::header_text;
 use tokio_xmpp::parsers::message::MessageType;
 
 async fn accepted(response: reqwest::Response) -> Vec<(String, String)> {
@@ -41,7 +41,10 @@ async fn three_payload_formats_arrive_as_sent() {
     let account = stack.prosody.register("ops");
     let mut rx = Receiver::connect(&stack.prosody, &account).await;
 
-    let plain = accepted(stack.post(&format!("/msg/{}", account.jid), Some("text/plain; charset=utf-8"), "db-7 is down\n<&>").await).await;
+    let plain = accepted(
+        stack.post(&format!("/msg/{}", account.jid), Some("text/plain; charset=utf-8"), "db-7 is down\n<&>").await,
+    )
+    .await;
     let form = accepted(
         stack
             .post(
@@ -57,7 +60,8 @@ async fn three_payload_formats_arrive_as_sent() {
             .post(
                 "/msg",
                 Some("application/json"),
-                serde_json::json!({"to": account.jid, "type": "normal", "body": "json body", "subject": "CPU"}).to_string(),
+                serde_json::json!({"to": account.jid, "type": "normal", "body": "json body", "subject": "CPU"})
+                    .to_string(),
             )
             .await,
     )
@@ -76,7 +80,10 @@ async fn three_payload_formats_arrive_as_sent() {
     assert_eq!(form.subject.as_deref(), Some("Disk"));
     assert_eq!(form.thread.as_deref(), Some("t-1"));
     let json = &got[&json[0].0];
-    assert_eq!((json.body.as_str(), json.kind.clone(), json.subject.as_deref()), ("json body", MessageType::Normal, Some("CPU")));
+    assert_eq!(
+        (json.body.as_str(), json.kind.clone(), json.subject.as_deref()),
+        ("json body", MessageType::Normal, Some("CPU"))
+    );
     stack.stop().await;
 }
 
@@ -101,17 +108,27 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     let work = stack.broker.topology().work_queue();
     let to = "/msg/ops@localhost";
 
-    for (user, password) in [(stack.sender.jid.as_str(), "wrong"), ("nobody@localhost", stack.http_password.as_str()), ("not a jid", "x")] {
+    for (user, password) in
+        [(stack.sender.jid.as_str(), "wrong"), ("nobody@localhost", stack.http_password.as_str()), ("not a jid", "x")]
+    {
         let r = stack.post_as(user, password, to, Some("text/plain"), "x").await;
         assert_eq!(r.headers()["www-authenticate"], "Basic realm=\"herald\"");
         problem(r, StatusCode::UNAUTHORIZED).await;
     }
-    let r = stack.http.post(format!("{}{to}", stack.ingress_url)).header("content-type", "text/plain").body("x").send().await.expect("http");
+    let r = stack
+        .http
+        .post(format!("{}{to}", stack.ingress_url))
+        .header("content-type", "text/plain")
+        .body("x")
+        .send()
+        .await
+        .expect("http");
     problem(r, StatusCode::UNAUTHORIZED).await;
 
     problem(stack.post(to, Some("text/html"), "<p>x</p>").await, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
     problem(stack.post(to, None, "x").await, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
-    problem(stack.post(to, Some("text/plain; charset=iso-8859-1"), "x").await, StatusCode::UNSUPPORTED_MEDIA_TYPE).await;
+    problem(stack.post(to, Some("text/plain; charset=iso-8859-1"), "x").await, StatusCode::UNSUPPORTED_MEDIA_TYPE)
+        .await;
 
     problem(stack.post(to, Some("application/json"), "{\"body\": ").await, StatusCode::BAD_REQUEST).await;
     problem(stack.post(to, Some("text/plain"), vec![0xff_u8, 0xfe]).await, StatusCode::BAD_REQUEST).await;
@@ -195,13 +212,19 @@ async fn without_stream_management_a_ping_proves_delivery() {
     let mut rx = Receiver::connect(&stack.prosody, &account).await;
     let mut ids = Vec::new();
     for i in 0..20 {
-        ids.push(accepted(stack.post(&format!("/msg/{}", account.jid), Some("text/plain"), format!("m{i}")).await).await.remove(0).0);
+        ids.push(
+            accepted(stack.post(&format!("/msg/{}", account.jid), Some("text/plain"), format!("m{i}")).await)
+                .await
+                .remove(0)
+                .0,
+        );
     }
     let got = rx.collect(20, ARRIVAL).await;
     assert_eq!(got.len(), 20);
     // Acked means the work queue drains: nothing waits unacknowledged.
     let work = stack.broker.topology().work_queue();
-    poll::until("the work queue to drain", ARRIVAL, || async { (stack.broker.ready(&work).await == 0).then_some(()) }).await;
+    poll::until("the work queue to drain", ARRIVAL, || async { (stack.broker.ready(&work).await == 0).then_some(()) })
+        .await;
     stack.stop().await;
 }
 
@@ -210,7 +233,9 @@ async fn a_sender_without_relay_account_is_parked_with_the_reason() {
     let orphan_password = "orphan-password";
     let extra = herald_tests::stack::user_entry("orphan@localhost", orphan_password, Some("ghost@localhost"));
     let stack = Stack::start(StackOptions { extra_users: extra, ..Default::default() }).await;
-    let jobs = accepted(stack.post_as("orphan@localhost", orphan_password, "/msg/ops", Some("text/plain"), "lost?").await).await;
+    let jobs =
+        accepted(stack.post_as("orphan@localhost", orphan_password, "/msg/ops", Some("text/plain"), "lost?").await)
+            .await;
     let dead = stack.broker.topology().dead_queue();
     let parked = poll::until("the job to be parked", ARRIVAL, || async { stack.broker.get(&dead).await }).await;
     let reason = header_text(&parked.delivery.properties, headers::REASON).expect("reason header");

@@ -9,10 +9,10 @@ use herald_tests::broker::header_text;
 use herald_tests::load::{self, Sent, Tally};
 use herald_tests::proxy::{self, Proxy};
 use herald_tests::stack::user_entry;
-use herald_tests::{poll, Broker, Prosody, Receiver, Stack, StackOptions, XmppAccount};
+use herald_tests::{Broker, Prosody, Receiver, Stack, StackOptions, XmppAccount, poll};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 const ARRIVAL: Duration = Duration::from_secs(30);
@@ -36,7 +36,10 @@ async fn a_bounced_message_is_parked_with_its_condition_and_can_be_replayed() {
     let user = format!("later-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let id = job_id(stack.post(&format!("/msg/{user}"), Some("text/plain"), "wait for me").await).await;
     let dead = stack.broker.topology().dead_queue();
-    poll::until("the bounced job to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 1).then_some(()) }).await;
+    poll::until("the bounced job to be parked", ARRIVAL, || async {
+        (stack.broker.ready(&dead).await == 1).then_some(())
+    })
+    .await;
 
     let broker = herald_tests::stack::broker_args(&stack.broker.url, &stack.broker.prefix);
     let mut listing = Vec::new();
@@ -57,7 +60,12 @@ async fn a_bounced_message_is_parked_with_its_condition_and_can_be_replayed() {
     assert_eq!((m.id.as_deref(), m.body.as_str()), (Some(id.as_str()), "wait for me"));
     assert_eq!(stack.broker.ready(&dead).await, 0);
 
-    let metrics = stack.http.get(format!("{}/metrics", stack.relay_admin_url.as_deref().expect("relay"))).send().await.expect("metrics");
+    let metrics = stack
+        .http
+        .get(format!("{}/metrics", stack.relay_admin_url.as_deref().expect("relay")))
+        .send()
+        .await
+        .expect("metrics");
     let text = metrics.text().await.expect("text");
     assert!(text.contains(r#"herald_bounces_total{condition="service-unavailable"} 1"#), "{text}");
     assert!(text.contains(r#"herald_deliveries_total{outcome="parked"} 1"#), "{text}");
@@ -118,7 +126,8 @@ impl Fixture {
     }
 
     async fn ready(&self, port: u16) -> Result<(), String> {
-        let response = self.http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.map_err(|e| e.to_string())?;
+        let response =
+            self.http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.map_err(|e| e.to_string())?;
         let ok = response.status() == 200;
         let text = response.text().await.unwrap_or_default();
         if ok { Ok(()) } else { Err(text) }
@@ -131,7 +140,8 @@ impl Fixture {
     /// A burst of `n` in the background; returns its progress counter.
     fn burst(&self, n: usize) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Sent>) {
         let progress = Arc::new(AtomicUsize::new(0));
-        let (http, url, user, counter) = (self.http.clone(), self.url(), self.sender.jid.clone(), Arc::clone(&progress));
+        let (http, url, user, counter) =
+            (self.http.clone(), self.url(), self.sender.jid.clone(), Arc::clone(&progress));
         let task = tokio::spawn(async move { load::burst(&http, &url, &user, HTTP_PASSWORD, n, 32, counter).await });
         (progress, task)
     }
@@ -235,7 +245,12 @@ async fn a_cut_broker_link_is_503_never_202_and_heals_without_restart() {
     let (mut rx, ingress, relay) = f.start_services().await;
     f.wait_ready(f.env.relay_admin_port).await;
     let post = |body: String| {
-        f.http.post(f.url()).basic_auth(&f.sender.jid, Some(HTTP_PASSWORD)).header("content-type", "text/plain").body(body).send()
+        f.http
+            .post(f.url())
+            .basic_auth(&f.sender.jid, Some(HTTP_PASSWORD))
+            .header("content-type", "text/plain")
+            .body(body)
+            .send()
     };
     let mut sent = Sent::default();
     let before = job_id(post("before the cut".into()).await.expect("post")).await;
@@ -247,9 +262,13 @@ async fn a_cut_broker_link_is_503_never_202_and_heals_without_restart() {
         assert_eq!(response.status(), 503, "no 2xx without a confirm");
         assert!(response.headers().contains_key("retry-after"));
     }
-    let why = poll::until("the ingress to report not ready", ARRIVAL, || async { f.ready(f.env.ingress_admin_port).await.err() }).await;
+    let why = poll::until("the ingress to report not ready", ARRIVAL, || async {
+        f.ready(f.env.ingress_admin_port).await.err()
+    })
+    .await;
     assert!(why.contains("broker"), "{why}");
-    poll::until("the relay to report not ready", ARRIVAL, || async { f.ready(f.env.relay_admin_port).await.err() }).await;
+    poll::until("the relay to report not ready", ARRIVAL, || async { f.ready(f.env.relay_admin_port).await.err() })
+        .await;
 
     proxy.restore();
     let after = poll::until("the ingress to accept again", ARRIVAL, || async {
@@ -279,13 +298,29 @@ async fn a_wrong_password_keeps_the_jobs_reports_not_ready_and_says_why_once() {
     let mut sent = Sent::default();
     for i in 0..5 {
         let body = format!("held {i}");
-        let response = f.http.post(f.url()).basic_auth(&f.sender.jid, Some(HTTP_PASSWORD)).header("content-type", "text/plain").body(body.clone()).send().await.expect("post");
+        let response = f
+            .http
+            .post(f.url())
+            .basic_auth(&f.sender.jid, Some(HTTP_PASSWORD))
+            .header("content-type", "text/plain")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("post");
         sent.accepted.insert(job_id(response).await, body);
     }
     // The jobs cycle through the delay queues; none is parked or lost.
     let topology = f.broker.topology();
     poll::until("every job to have been retried at least once", ARRIVAL, || async {
-        let metrics = f.http.get(format!("http://127.0.0.1:{}/metrics", f.env.relay_admin_port)).send().await.ok()?.text().await.ok()?;
+        let metrics = f
+            .http
+            .get(format!("http://127.0.0.1:{}/metrics", f.env.relay_admin_port))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
         let retried = metrics.lines().find(|l| l.starts_with(r#"herald_deliveries_total{outcome="retried"}"#))?;
         (retried.rsplit(' ').next()?.parse::<u64>().ok()? >= 10).then_some(())
     })
@@ -323,10 +358,19 @@ async fn a_retried_job_carries_its_attempt_count_and_reason() {
     let ingress = f.spawn_ingress();
     let relay = Service::spawn_logged("herald-relay", &env, Some(&f.log("relay")));
     f.wait_ready(f.env.ingress_admin_port).await;
-    let response = f.http.post(f.url()).basic_auth(&f.sender.jid, Some(HTTP_PASSWORD)).header("content-type", "text/plain").body("later").send().await.expect("post");
+    let response = f
+        .http
+        .post(f.url())
+        .basic_auth(&f.sender.jid, Some(HTTP_PASSWORD))
+        .header("content-type", "text/plain")
+        .body("later")
+        .send()
+        .await
+        .expect("post");
     let id = job_id(response).await;
     let retry_queue = f.broker.topology().retry_queue(Duration::from_secs(3600));
-    let retried = poll::until("the job in the 1h delay queue", ARRIVAL, || async { f.broker.get(&retry_queue).await }).await;
+    let retried =
+        poll::until("the job in the 1h delay queue", ARRIVAL, || async { f.broker.get(&retry_queue).await }).await;
     assert_eq!(retried.delivery.properties.message_id().as_ref().map(|m| m.to_string()), Some(id));
     assert_eq!(header_text(&retried.delivery.properties, headers::ATTEMPT).as_deref(), Some("1"));
     let reason = header_text(&retried.delivery.properties, headers::REASON).expect("reason");

@@ -5,7 +5,7 @@
 use crate::ARRIVAL;
 use herald_shared::topology::headers;
 use herald_tests::broker::header_text;
-use herald_tests::{poll, Receiver, Stack, StackOptions};
+use herald_tests::{Receiver, Stack, StackOptions, poll};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_input_is_refused_or_inert_and_the_stream_survives() {
@@ -32,8 +32,18 @@ async fn hostile_input_is_refused_or_inert_and_the_stream_survives() {
         ("/msg".into(), Some("application/json"), format!(r#"{{"to":"{to}","body":["x"]}}"#).into_bytes(), 422),
         ("/msg".into(), Some("application/json"), format!(r#"{{"to":"{to}","body":"x""#).into_bytes(), 400),
         ("/msg".into(), Some("application/json"), deep_json.into_bytes(), 422),
-        ("/msg".into(), Some("application/json"), format!(r#"{{"to":"{to}","type":"error","body":"x"}}"#).into_bytes(), 422),
-        ("/msg".into(), Some("application/json"), format!(r#"{{"to":"{to}","type":"chat'/><x","body":"x"}}"#).into_bytes(), 422),
+        (
+            "/msg".into(),
+            Some("application/json"),
+            format!(r#"{{"to":"{to}","type":"error","body":"x"}}"#).into_bytes(),
+            422,
+        ),
+        (
+            "/msg".into(),
+            Some("application/json"),
+            format!(r#"{{"to":"{to}","type":"chat'/><x","body":"x"}}"#).into_bytes(),
+            422,
+        ),
         ("/msg".into(), Some("application/x-www-form-urlencoded"), format!("to={to}&body=%FF%FE").into_bytes(), 400),
         (format!("/msg/{to}?subject=%C0%AF"), Some("text/plain"), b"x".to_vec(), 400),
         ("/msg/a%00b@localhost".into(), Some("text/plain"), b"x".to_vec(), 422),
@@ -47,14 +57,20 @@ async fn hostile_input_is_refused_or_inert_and_the_stream_survives() {
         let response = stack.post(&path, content_type, body.clone()).await;
         let got = response.status().as_u16();
         let problem: serde_json::Value = response.json().await.unwrap_or_default();
-        assert_eq!(got, status, "{path} {content_type:?} {:?} → {problem}", String::from_utf8_lossy(&body[..body.len().min(60)]));
+        assert_eq!(
+            got,
+            status,
+            "{path} {content_type:?} {:?} → {problem}",
+            String::from_utf8_lossy(&body[..body.len().min(60)])
+        );
         assert_eq!(problem["status"], status, "a problem document for {path}");
     }
     assert_eq!(stack.broker.ready(&stack.broker.topology().work_queue()).await, 0, "nothing refused was queued");
 
     // Markup and quoting in every field stays text.
     let evil = r#"</body><body xmlns="jabber:client">injected</body><x a='"'/>]]>&amp;"#;
-    let json = serde_json::json!({ "to": to, "type": "headline", "body": evil, "subject": evil, "thread": "t'\"><x/>" });
+    let json =
+        serde_json::json!({ "to": to, "type": "headline", "body": evil, "subject": evil, "thread": "t'\"><x/>" });
     let response = stack.post("/msg", Some("application/json"), json.to_string()).await;
     assert_eq!(response.status(), 202);
     let m = rx.next(ARRIVAL).await.expect("the hostile-looking message arrives");
@@ -84,7 +100,8 @@ async fn a_job_over_the_servers_stanza_limit_is_parked_not_sent() {
     let job = herald_shared::Job::new_v1(sender, to, herald_shared::MessageKind::Chat, body, None, None);
     stack.broker.publish_job(&job, false).await;
     let dead = stack.broker.topology().dead_queue();
-    poll::until("the job to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 1).then_some(()) }).await;
+    poll::until("the job to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 1).then_some(()) })
+        .await;
     let parked = stack.broker.get(&dead).await.expect("parked");
     let reason = header_text(&parked.delivery.properties, headers::REASON).expect("reason");
     assert!(reason.contains("stanza limit"), "{reason}");
@@ -105,7 +122,10 @@ async fn an_undecodable_job_is_parked_and_the_relay_goes_on() {
         stack.broker.publish_raw(payload).await;
     }
     let dead = stack.broker.topology().dead_queue();
-    poll::until("the broken jobs to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 4).then_some(()) }).await;
+    poll::until("the broken jobs to be parked", ARRIVAL, || async {
+        (stack.broker.ready(&dead).await == 4).then_some(())
+    })
+    .await;
     let mut parked = Vec::new();
     while let Some(message) = stack.broker.get(&dead).await {
         let reason = header_text(&message.delivery.properties, headers::REASON).expect("reason");

@@ -3,7 +3,7 @@
 //! one delivery; and a relay does not send an idempotent job twice even
 //! when the broker hands it the job twice (two ingress replicas).
 
-use crate::{ARRIVAL, ALERTMANAGER};
+use crate::{ALERTMANAGER, ARRIVAL};
 use herald_shared::{Body, Job, MessageKind, Recipient, Sender};
 use herald_tests::stack::user_entry;
 use herald_tests::{Receiver, Stack, StackOptions};
@@ -26,11 +26,20 @@ async fn a_repeated_request_is_one_job_and_one_message() {
     let mut rx = Receiver::connect(&stack.prosody, &oncall).await;
     let url = format!("{}/msg/{}", stack.ingress_url, oncall.jid);
     let post = |user: &str, password: &str, key: &str, body: &str| {
-        stack.http.post(&url).basic_auth(user, Some(password)).header("content-type", "text/plain").header("idempotency-key", key).body(body.to_owned()).send()
+        stack
+            .http
+            .post(&url)
+            .basic_auth(user, Some(password))
+            .header("content-type", "text/plain")
+            .header("idempotency-key", key)
+            .body(body.to_owned())
+            .send()
     };
 
-    let first = ids(post(&stack.sender.jid, &stack.http_password, "deploy-42", "deploy 42 done").await.expect("HTTP")).await;
-    let again = ids(post(&stack.sender.jid, &stack.http_password, "deploy-42", "deploy 42 done").await.expect("HTTP")).await;
+    let first =
+        ids(post(&stack.sender.jid, &stack.http_password, "deploy-42", "deploy 42 done").await.expect("HTTP")).await;
+    let again =
+        ids(post(&stack.sender.jid, &stack.http_password, "deploy-42", "deploy 42 done").await.expect("HTTP")).await;
     assert_eq!(first, again, "the same key, the same job");
     let m = rx.next(ARRIVAL).await.expect("delivered once");
     assert_eq!((m.body.as_str(), m.id.as_ref()), ("deploy 42 done", Some(&first[0])));
@@ -57,7 +66,9 @@ async fn the_same_alertmanager_notification_twice_is_delivered_once() {
     assert!(m.body.starts_with("🔥 FIRING:2"), "{}", m.body);
     assert!(rx.next(QUIET).await.is_none(), "delivered once");
     // Resolved is another notification.
-    let resolved = ids(stack.post(&path, Some("application/json"), ALERTMANAGER.replace("\"firing\"", "\"resolved\"")).await).await;
+    let resolved =
+        ids(stack.post(&path, Some("application/json"), ALERTMANAGER.replace("\"firing\"", "\"resolved\"")).await)
+            .await;
     assert_ne!(resolved, first);
     let m = rx.next(ARRIVAL).await.expect("the resolved notification");
     assert!(m.body.starts_with("✅ RESOLVED"), "{}", m.body);
@@ -68,7 +79,8 @@ async fn the_same_alertmanager_notification_twice_is_delivered_once() {
 async fn an_alert_resolving_in_a_firing_group_and_a_second_route_are_new_notifications() {
     let stack = Stack::start(StackOptions::default()).await;
     let (oncall, dba) = (stack.prosody.register("oncall"), stack.prosody.register("dba"));
-    let (mut rx_oncall, mut rx_dba) = (Receiver::connect(&stack.prosody, &oncall).await, Receiver::connect(&stack.prosody, &dba).await);
+    let (mut rx_oncall, mut rx_dba) =
+        (Receiver::connect(&stack.prosody, &oncall).await, Receiver::connect(&stack.prosody, &dba).await);
     let post = |to: &str, payload: String| {
         let path = format!("/alertmanager/{to}");
         let stack = &stack;

@@ -3,7 +3,7 @@
 
 use herald_tests::binaries::{Service, ServiceEnv};
 use herald_tests::stack::user_entry;
-use herald_tests::{poll, Broker, Prosody, Receiver, Stack, StackOptions};
+use herald_tests::{Broker, Prosody, Receiver, Stack, StackOptions, poll};
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -27,7 +27,10 @@ async fn admin_listeners_report_health_readiness_and_metrics() {
     let mut rx = Receiver::connect(&stack.prosody, &recipient).await;
     for admin in [&stack.ingress_admin_url, &relay_admin] {
         assert_eq!(get(&stack.http, &format!("{admin}/healthz")).await.0, 200);
-        poll::until("readiness", DEADLINE, || async { (get(&stack.http, &format!("{admin}/readyz")).await.0 == 200).then_some(()) }).await;
+        poll::until("readiness", DEADLINE, || async {
+            (get(&stack.http, &format!("{admin}/readyz")).await.0 == 200).then_some(())
+        })
+        .await;
     }
     let response = stack.post(&format!("/msg/{}", recipient.jid), Some("text/plain"), "counted").await;
     assert_eq!(response.status(), 202);
@@ -36,8 +39,16 @@ async fn admin_listeners_report_health_readiness_and_metrics() {
     rx.next(DEADLINE).await.expect("delivered");
 
     let (_, ingress) = get(&stack.http, &format!("{}/metrics", stack.ingress_admin_url)).await;
-    assert_eq!(sample(&ingress, r#"herald_http_requests_total{route="/msg/{to}",status="202"}"#), Some(1.0), "{ingress}");
-    assert_eq!(sample(&ingress, r#"herald_http_requests_total{route="/msg/{to}",status="401"}"#), Some(1.0), "{ingress}");
+    assert_eq!(
+        sample(&ingress, r#"herald_http_requests_total{route="/msg/{to}",status="202"}"#),
+        Some(1.0),
+        "{ingress}"
+    );
+    assert_eq!(
+        sample(&ingress, r#"herald_http_requests_total{route="/msg/{to}",status="401"}"#),
+        Some(1.0),
+        "{ingress}"
+    );
     assert_eq!(sample(&ingress, "herald_jobs_published_total"), Some(1.0), "{ingress}");
     assert_eq!(sample(&ingress, "herald_publish_duration_seconds_count"), Some(1.0), "{ingress}");
 
@@ -59,7 +70,8 @@ async fn json_logs_never_show_credentials_even_at_trace() {
     let prosody = Prosody::start().await;
     let sender = prosody.register("logged");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (users, accounts, log) = (dir.path().join("users.toml"), dir.path().join("accounts.toml"), dir.path().join("ingress.log"));
+    let (users, accounts, log) =
+        (dir.path().join("users.toml"), dir.path().join("accounts.toml"), dir.path().join("ingress.log"));
     let password = "s3cret-never-logged";
     std::fs::write(&users, user_entry(&sender.jid, password, None)).expect("users");
     std::fs::write(&accounts, prosody.accounts_entry(&sender)).expect("accounts");
@@ -71,11 +83,19 @@ async fn json_logs_never_show_credentials_even_at_trace() {
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{}/msg/someone", env.ingress_port);
     poll::until("the ingress to accept", DEADLINE, || async {
-        let r = http.post(&url).basic_auth(&sender.jid, Some(password)).header("content-type", "text/plain").body("hi").send().await.ok()?;
+        let r = http
+            .post(&url)
+            .basic_auth(&sender.jid, Some(password))
+            .header("content-type", "text/plain")
+            .body("hi")
+            .send()
+            .await
+            .ok()?;
         (r.status() == 202).then_some(())
     })
     .await;
-    let wrong = http.post(&url).basic_auth(&sender.jid, Some("wrong-guess-never-logged")).body("x").send().await.expect("post");
+    let wrong =
+        http.post(&url).basic_auth(&sender.jid, Some("wrong-guess-never-logged")).body("x").send().await.expect("post");
     assert_eq!(wrong.status(), 401);
     assert!(ingress.terminate(DEADLINE).await);
 
@@ -88,7 +108,12 @@ async fn json_logs_never_show_credentials_even_at_trace() {
     for line in text.lines() {
         let json: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(json["level"].is_string() && json["fields"].is_object(), "{line}");
-        for secret in [password.to_owned(), encoded(password), "wrong-guess-never-logged".to_owned(), encoded("wrong-guess-never-logged")] {
+        for secret in [
+            password.to_owned(),
+            encoded(password),
+            "wrong-guess-never-logged".to_owned(),
+            encoded("wrong-guess-never-logged"),
+        ] {
             assert!(!line.contains(&secret), "a credential in the log: {line}");
         }
         assert!(!line.to_ascii_lowercase().contains("authorization"), "an Authorization header in the log: {line}");

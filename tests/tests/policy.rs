@@ -4,7 +4,7 @@
 
 use herald_tests::proxy::{self, Proxy};
 use herald_tests::stack::user_entry;
-use herald_tests::{poll, Stack, StackOptions};
+use herald_tests::{Stack, StackOptions, poll};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_allow_list_and_the_rate_limit_hold() {
@@ -13,7 +13,9 @@ async fn the_allow_list_and_the_rate_limit_hold() {
     let extra = format!("{}{policy}", user_entry(user, "limited-secret", None));
     let stack = Stack::start(StackOptions { relay: false, extra_users: extra, ..Default::default() }).await;
     let work = stack.broker.topology().work_queue();
-    let post = |json: serde_json::Value| stack.post_as(user, "limited-secret", "/msg", Some("application/json"), json.to_string());
+    let post = |json: serde_json::Value| {
+        stack.post_as(user, "limited-secret", "/msg", Some("application/json"), json.to_string())
+    };
 
     for to in [serde_json::json!("eve@localhost"), serde_json::json!(["ok@localhost", "rooms.localhost"])] {
         let response = post(serde_json::json!({ "to": to, "body": "x" })).await;
@@ -47,7 +49,12 @@ async fn requests_refused_during_a_broker_outage_take_no_tokens() {
     let extra = format!("{}rate = \"1/h\"\nburst = 3\n", user_entry(user, "patient-secret", None));
     let broker_url = herald_tests::broker::url();
     let link = Proxy::start(proxy::amqp_authority(&broker_url)).await;
-    let options = StackOptions { relay: false, extra_users: extra, service_amqp_url: Some(link.amqp_url(&broker_url)), ..Default::default() };
+    let options = StackOptions {
+        relay: false,
+        extra_users: extra,
+        service_amqp_url: Some(link.amqp_url(&broker_url)),
+        ..Default::default()
+    };
     let stack = Stack::start(options).await;
     let post = || stack.post_as(user, "patient-secret", "/msg/ok@localhost", Some("text/plain"), "x");
 
@@ -57,7 +64,10 @@ async fn requests_refused_during_a_broker_outage_take_no_tokens() {
         assert_eq!(post().await.status(), 503, "the broker is out of reach");
     }
     link.restore();
-    poll::until("the ingress to accept again", crate::ARRIVAL, || async { (post().await.status() == 202).then_some(()) }).await;
+    poll::until("the ingress to accept again", crate::ARRIVAL, || async {
+        (post().await.status() == 202).then_some(())
+    })
+    .await;
     // The 503s took nothing: the burst of 3 is all there.
     assert_eq!(post().await.status(), 202);
     assert_eq!(post().await.status(), 202);

@@ -63,11 +63,18 @@ fn users() -> Users {
 
 /// One case: `Ok(true)` if the ingress accepted it and the stanza matched,
 /// `Ok(false)` if the ingress refused it.
-fn check(to: String, kind: Option<String>, body: String, subject: Option<String>, thread: Option<String>) -> Result<bool, TestCaseError> {
+fn check(
+    to: String,
+    kind: Option<String>,
+    body: String,
+    subject: Option<String>,
+    thread: Option<String>,
+) -> Result<bool, TestCaseError> {
     let users = users();
     let user = users.get(&Sender::parse("bot@example.com").expect("jid")).expect("user");
     let json = serde_json::json!({ "to": to, "type": kind, "body": body, "subject": subject, "thread": thread });
-    let raw = payload::parse(Some("application/json"), json.to_string().as_bytes(), RawMessage::default()).expect("JSON of strings parses");
+    let raw = payload::parse(Some("application/json"), json.to_string().as_bytes(), RawMessage::default())
+        .expect("JSON of strings parses");
     let Ok(mut jobs) = build_jobs(user, raw, 64 * 1024) else { return Ok(false) };
     prop_assert_eq!(jobs.len(), 1, "one recipient, one job");
     let job = jobs.remove(0);
@@ -95,7 +102,8 @@ fn check(to: String, kind: Option<String>, body: String, subject: Option<String>
 #[test]
 fn accepted_jobs_become_the_same_stanza() {
     let accepted = std::cell::Cell::new(0u32);
-    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 3000, ..ProptestConfig::default() });
+    let mut runner =
+        proptest::test_runner::TestRunner::new(ProptestConfig { cases: 3000, ..ProptestConfig::default() });
     let strategy = (recipient(), kind(), nasty_text(), prop::option::of(nasty_text()), prop::option::of(nasty_text()));
     runner
         .run(&strategy, |(to, kind, body, subject, thread)| {

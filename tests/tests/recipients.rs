@@ -69,6 +69,10 @@ async fn one_bad_recipient_refuses_the_whole_request() {
     let json = serde_json::json!({ "to": many, "body": "x" });
     let ids = jobs(stack.post("/msg", Some("application/json"), json.to_string()).await).await;
     assert_eq!(ids.len(), herald_ingress::routes::MAX_RECIPIENTS);
-    assert_eq!(stack.broker.ready(&work).await as usize, herald_ingress::routes::MAX_RECIPIENTS, "one job each, all confirmed");
+    assert_eq!(
+        stack.broker.ready(&work).await as usize,
+        herald_ingress::routes::MAX_RECIPIENTS,
+        "one job each, all confirmed"
+    );
     stack.stop().await;
 }

@@ -2,13 +2,13 @@
 //! first message there, and a room that refuses the join parks the job with
 //! the room's condition instead of reporting success.
 
-use crate::{ARRIVAL, ALERTMANAGER, GRAFANA};
+use crate::{ALERTMANAGER, ARRIVAL, GRAFANA};
 use herald_shared::topology::headers;
 use herald_tests::broker::header_text;
 use herald_tests::prosody::ROOMS;
-use herald_tests::{poll, Receiver, Stack, StackOptions};
-use tokio_xmpp::parsers::message::MessageType;
+use herald_tests::{Receiver, Stack, StackOptions, poll};
 use std::time::Duration;
+use tokio_xmpp::parsers::message::MessageType;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_and_notifications_reach_a_room_the_relay_joins() {
@@ -23,7 +23,10 @@ async fn messages_and_notifications_reach_a_room_the_relay_joins() {
     assert_eq!(response.status(), 202);
     let m = watcher.next(ARRIVAL).await.expect("the room relays the message");
     let nick = stack.sender.jid.split('@').next().expect("local part");
-    assert_eq!((m.kind.clone(), m.body.as_str(), m.from.as_str()), (MessageType::Groupchat, "db-7 is down", format!("{room}/{nick}").as_str()));
+    assert_eq!(
+        (m.kind.clone(), m.body.as_str(), m.from.as_str()),
+        (MessageType::Groupchat, "db-7 is down", format!("{room}/{nick}").as_str())
+    );
 
     // An Alertmanager notification to the same room: already joined.
     let path = format!("/alertmanager/{room}?type=groupchat");
@@ -46,7 +49,10 @@ async fn a_room_that_refuses_the_join_parks_the_job_with_its_condition() {
     let json = serde_json::json!({ "to": format!("nosuch@{ROOMS}"), "type": "groupchat", "body": "lost?" });
     let response = stack.post("/msg", Some("application/json"), json.to_string()).await;
     assert_eq!(response.status(), 202);
-    poll::until("the refused job to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 1).then_some(()) }).await;
+    poll::until("the refused job to be parked", ARRIVAL, || async {
+        (stack.broker.ready(&dead).await == 1).then_some(())
+    })
+    .await;
     let parked = stack.broker.get(&dead).await.expect("parked job");
     let reason = header_text(&parked.delivery.properties, headers::REASON).expect("reason");
     assert!(reason.contains("refused the join") && reason.contains("not-allowed"), "{reason}");
@@ -72,7 +78,10 @@ async fn a_room_that_refuses_the_message_parks_it_with_its_condition() {
 
     let json = serde_json::json!({ "to": room, "type": "groupchat", "body": "can anyone hear me?" });
     assert_eq!(stack.post("/msg", Some("application/json"), json.to_string()).await.status(), 202);
-    poll::until("the refused message to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 1).then_some(()) }).await;
+    poll::until("the refused message to be parked", ARRIVAL, || async {
+        (stack.broker.ready(&dead).await == 1).then_some(())
+    })
+    .await;
     let parked = stack.broker.get(&dead).await.expect("parked job");
     let reason = header_text(&parked.delivery.properties, headers::REASON).expect("reason");
     assert!(reason.contains("bounced: forbidden"), "{reason}");

@@ -4,7 +4,7 @@
 
 use herald_tests::binaries::{Service, ServiceEnv};
 use herald_tests::stack::user_entry;
-use herald_tests::{poll, Broker, Prosody, Receiver};
+use herald_tests::{Broker, Prosody, Receiver, poll};
 use std::time::Duration;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -22,7 +22,10 @@ async fn the_relay_verifies_the_servers_certificate_and_trusts_a_private_ca_when
     let (users, accounts) = (dir.path().join("users.toml"), dir.path().join("accounts.toml"));
     std::fs::write(&users, user_entry(&sender.jid, "pw", None)).expect("users");
     // tls defaults to "required": STARTTLS, certificate checked for the JID's domain.
-    let entry = format!("[[accounts]]\njid = \"{}\"\npassword = \"{}\"\nserver = \"localhost:{}\"\n", sender.jid, sender.password, prosody.port);
+    let entry = format!(
+        "[[accounts]]\njid = \"{}\"\npassword = \"{}\"\nserver = \"localhost:{}\"\n",
+        sender.jid, sender.password, prosody.port
+    );
     std::fs::write(&accounts, entry).expect("accounts");
     let env = ServiceEnv::new(broker.url.clone(), broker.prefix.clone(), users, accounts);
     let ingress = env.spawn_ingress();
@@ -73,8 +76,10 @@ async fn the_relay_verifies_the_servers_certificate_and_trusts_a_private_ca_when
 async fn tls_terminator(dir: &std::path::Path, upstream: &'static str) -> u16 {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(dir.join("localhost.crt")).expect("cert file").collect::<Result<_, _>>().expect("cert");
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("localhost.crt"))
+        .expect("cert file")
+        .collect::<Result<_, _>>()
+        .expect("cert");
     let key = PrivateKeyDer::from_pem_file(dir.join("localhost.key")).expect("key");
     let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
@@ -117,7 +122,13 @@ async fn amqps_works_with_a_private_ca_and_only_with_it() {
     let url = format!("amqps://guest:guest@127.0.0.1:{port}/%2f");
     let env = ServiceEnv::new(url, broker.prefix.clone(), users, accounts);
     let http = reqwest::Client::new();
-    let post = || http.post(format!("http://127.0.0.1:{}/msg/{}", env.ingress_port, recipient.jid)).basic_auth(&sender.jid, Some("pw")).header("content-type", "text/plain").body("over amqps").send();
+    let post = || {
+        http.post(format!("http://127.0.0.1:{}/msg/{}", env.ingress_port, recipient.jid))
+            .basic_auth(&sender.jid, Some("pw"))
+            .header("content-type", "text/plain")
+            .body("over amqps")
+            .send()
+    };
 
     // Without the CA the broker's certificate is not trusted: 503, never 202.
     let untrusting = env.spawn_ingress();
@@ -131,7 +142,8 @@ async fn amqps_works_with_a_private_ca_and_only_with_it() {
     relay_env.push(("SSL_CERT_FILE", ca.display().to_string()));
     let ingress = Service::spawn("herald-ingress", &ingress_env);
     let relay = Service::spawn("herald-relay", &relay_env);
-    let accepted = poll::until("a 202 over amqps", DEADLINE, || async { post().await.ok().filter(|r| r.status() == 202) }).await;
+    let accepted =
+        poll::until("a 202 over amqps", DEADLINE, || async { post().await.ok().filter(|r| r.status() == 202) }).await;
     assert_eq!(accepted.status(), 202);
     let m = rx.next(DEADLINE).await.expect("the relay consumed it over amqps and delivered it");
     assert_eq!(m.body, "over amqps");

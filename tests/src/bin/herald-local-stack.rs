@@ -11,7 +11,7 @@
 
 use herald_tests::binaries::ServiceEnv;
 use herald_tests::stack::user_entry;
-use herald_tests::{poll, Broker, Prosody, Receiver};
+use herald_tests::{Broker, Prosody, Receiver, poll};
 use std::time::Duration;
 
 const HTTP_USER: &str = "alice@localhost";
@@ -44,13 +44,23 @@ async fn main() {
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/msg/bob");
     let response = poll::until("the ingress to accept the demo message", Duration::from_secs(30), || {
-        let request = http.post(&url).basic_auth(HTTP_USER, Some(HTTP_PASSWORD)).header("content-type", "text/plain").body("db-7 is down").send();
+        let request = http
+            .post(&url)
+            .basic_auth(HTTP_USER, Some(HTTP_PASSWORD))
+            .header("content-type", "text/plain")
+            .body("db-7 is down")
+            .send();
         async move { request.await.ok().filter(|r| r.status() == 202) }
     })
     .await;
     println!("\nPOST /msg/bob → {} {}", response.status(), response.text().await.unwrap_or_default());
     let message = bob_rx.next(Duration::from_secs(30)).await.expect("bob receives the demo message");
-    println!("bob@localhost received from {}: {:?} (id {})", message.from, message.body, message.id.unwrap_or_default());
+    println!(
+        "bob@localhost received from {}: {:?} (id {})",
+        message.from,
+        message.body,
+        message.id.unwrap_or_default()
+    );
     println!(
         "\nHerald is up. Try:\n  curl -i http://127.0.0.1:{port}/msg/bob -u {HTTP_USER}:{HTTP_PASSWORD} -H 'Content-Type: text/plain' -d 'hello bob'\n\
          XMPP: 127.0.0.1:{} (plaintext), accounts alice@localhost / alice-xmpp-pw and bob@localhost / bob-xmpp-pw.\n\

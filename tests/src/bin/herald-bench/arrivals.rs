@@ -88,7 +88,12 @@ impl Drop for Arrivals {
 
 /// The receiver thread: logs in, then forwards every message's id and
 /// arrival instant until `tx` is closed.
-fn receive(prosody: Arc<Prosody>, account: XmppAccount, online: oneshot::Sender<()>, tx: mpsc::UnboundedSender<(String, Instant)>) {
+fn receive(
+    prosody: Arc<Prosody>,
+    account: XmppAccount,
+    online: oneshot::Sender<()>,
+    tx: mpsc::UnboundedSender<(String, Instant)>,
+) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("receiver runtime");
     runtime.block_on(async move {
         let mut receiver = Receiver::connect(&prosody, &account).await;

@@ -2,13 +2,13 @@
 //! real job to a quorum queue with Herald's topology, as the ingress makes
 //! them, many in flight per confirm channel, on a throwaway prefix.
 
+use herald_shared::Topology;
 use herald_shared::job::CONTENT_TYPE;
 use herald_shared::topology::WORK_ROUTING_KEY;
-use herald_shared::Topology;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Channel, Connection};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// What one measurement achieved.
@@ -62,7 +62,13 @@ pub async fn measure(url: &str, payload: &[u8], channels: usize, in_flight: usiz
     let elapsed = started.elapsed();
     delete(&setup, &topology).await;
     drop(connection.close(200, "done".into()).await);
-    Publishing { channels, in_flight_per_channel: in_flight, confirmed: confirmed.load(Ordering::Relaxed), failed: failed.load(Ordering::Relaxed), elapsed }
+    Publishing {
+        channels,
+        in_flight_per_channel: in_flight,
+        confirmed: confirmed.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        elapsed,
+    }
 }
 
 async fn confirm_channel(connection: &Connection) -> Channel {

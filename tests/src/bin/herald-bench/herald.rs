@@ -3,7 +3,7 @@
 
 use herald_tests::binaries::{Service, ServiceEnv};
 use herald_tests::stack::user_entry;
-use herald_tests::{poll, Broker, Prosody, XmppAccount};
+use herald_tests::{Broker, Prosody, XmppAccount, poll};
 use lapin::options::QueuePurgeOptions;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -67,10 +67,12 @@ impl Herald {
 
     /// Empties the work queue (what the ingress phase left there).
     pub async fn purge_work_queue(&self, broker: &Broker) -> u32 {
-        let connection = herald_shared::amqp::connect(&broker.url, "herald-bench purge").await.expect("connect to the broker");
+        let connection =
+            herald_shared::amqp::connect(&broker.url, "herald-bench purge").await.expect("connect to the broker");
         let channel = connection.create_channel().await.expect("open a channel");
         let queue = broker.topology().work_queue();
-        let purged = channel.queue_purge(queue.into(), QueuePurgeOptions::default()).await.expect("purge the work queue");
+        let purged =
+            channel.queue_purge(queue.into(), QueuePurgeOptions::default()).await.expect("purge the work queue");
         drop(connection.close(200, "done".into()).await);
         purged
     }

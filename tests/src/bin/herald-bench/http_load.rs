@@ -119,13 +119,20 @@ impl Connection {
         let addr = format!("{}:{}", url.host_str().expect("host"), url.port().expect("port"));
         let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect to the ingress");
         tcp.set_nodelay(true).expect("nodelay");
-        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.expect("HTTP/1 handshake");
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.expect("HTTP/1 handshake");
         tokio::spawn(connection);
         Self { sender }
     }
 
     /// One post; the job id if it got a 202.
-    async fn post(&mut self, target: &Target, path: &str, authorization: &http::HeaderValue, tag: &str) -> Option<String> {
+    async fn post(
+        &mut self,
+        target: &Target,
+        path: &str,
+        authorization: &http::HeaderValue,
+        tag: &str,
+    ) -> Option<String> {
         use http_body_util::BodyExt;
         self.sender.ready().await.ok()?;
         let request = http::Request::post(path)
@@ -162,8 +169,13 @@ pub async fn closed_loop(target: Arc<Target>, connections: usize, limit: Limit) 
     let workers: Vec<_> = opened
         .into_iter()
         .map(|mut connection| {
-            let (target, next, results, path, authorization) =
-                (Arc::clone(&target), Arc::clone(&next), Arc::clone(&results), Arc::clone(&path), authorization.clone());
+            let (target, next, results, path, authorization) = (
+                Arc::clone(&target),
+                Arc::clone(&next),
+                Arc::clone(&results),
+                Arc::clone(&path),
+                authorization.clone(),
+            );
             tokio::spawn(async move {
                 while let Some(i) = take(&next, limit, started) {
                     let sent = Instant::now();

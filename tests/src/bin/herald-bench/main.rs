@@ -38,11 +38,11 @@ use herald_tests::{Broker, Prosody, XmppAccount};
 use http_load::{Limit, Outcome, Target};
 use machine::{CpuMeter, Watched};
 use options::Options;
-use xmpp_ceiling::Socket;
 use report::{CpuUse, EndToEnd, Paced, Results};
 use stats::Percentiles;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use xmpp_ceiling::Socket;
 
 /// The accounts on the bench's Prosody.
 struct Accounts {
@@ -66,11 +66,16 @@ async fn main() {
     let mut broker = Broker::connect().await;
     broker.prefix = format!("herald-bench-{}", uuid::Uuid::new_v4().simple());
     let prosody = Arc::new(Prosody::start().await);
-    let accounts = Accounts { direct: prosody.register("direct"), sender: prosody.register("sender"), receiver: prosody.register("receiver") };
+    let accounts = Accounts {
+        direct: prosody.register("direct"),
+        sender: prosody.register("sender"),
+        receiver: prosody.register("receiver"),
+    };
     let mut arrivals = Arrivals::start(Arc::clone(&prosody), accounts.receiver.clone()).await;
     let mut cpu: Vec<CpuUse> = Vec::new();
 
-    let payload = jobs::job(&accounts.sender.jid, &accounts.receiver.jid, jobs::body("ceiling", options.body_bytes)).encode();
+    let payload =
+        jobs::job(&accounts.sender.jid, &accounts.receiver.jid, jobs::body("ceiling", options.body_bytes)).encode();
     let route = xmpp_ceiling::Route {
         prosody: &prosody,
         sender: &accounts.direct,
@@ -96,19 +101,34 @@ async fn main() {
     for round in 1..=options.rounds {
         let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
         progress(&format!("1a. broker ceiling, round {round}: 1 channel × {} in flight", options.concurrency));
-        broker_matched.push(broker_ceiling::measure(&broker.url, &payload, 1, options.concurrency, options.publish_time).await);
+        broker_matched
+            .push(broker_ceiling::measure(&broker.url, &payload, 1, options.concurrency, options.publish_time).await);
         cpu.push(("1a. broker ceiling", meter.stop()));
         let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
-        progress(&format!("2. ingress alone, round {round}: {} connections for {:?}", options.concurrency, options.ingress_time));
-        ingress.push(http_load::closed_loop(Arc::clone(&target), options.concurrency, Limit::For(options.ingress_time)).await);
+        progress(&format!(
+            "2. ingress alone, round {round}: {} connections for {:?}",
+            options.concurrency, options.ingress_time
+        ));
+        ingress.push(
+            http_load::closed_loop(Arc::clone(&target), options.concurrency, Limit::For(options.ingress_time)).await,
+        );
         cpu.push(("2. ingress alone", meter.stop()));
         let purged = herald.purge_work_queue(&broker).await;
         progress(&format!("2. purged {purged} jobs from the work queue"));
     }
     let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
-    progress(&format!("1a. broker headroom: {} channels × {} in flight", options.wide_channels, options.wide_in_flight));
-    let broker_wide =
-        broker_ceiling::measure(&broker.url, &payload, options.wide_channels, options.wide_in_flight, options.publish_time).await;
+    progress(&format!(
+        "1a. broker headroom: {} channels × {} in flight",
+        options.wide_channels, options.wide_in_flight
+    ));
+    let broker_wide = broker_ceiling::measure(
+        &broker.url,
+        &payload,
+        options.wide_channels,
+        options.wide_in_flight,
+        options.publish_time,
+    )
+    .await;
     cpu.push(("1a. broker headroom", meter.stop()));
 
     progress("starting herald-relay");
@@ -132,9 +152,17 @@ async fn main() {
     let mut xmpp_floor = Vec::new();
     for socket in [Socket::AsRelay, Socket::NoDelay] {
         let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
-        progress(&format!("1b. XMPP latency floor: {} msg/s for {:?}, {}", options.rate, options.latency_time, socket.describe()));
+        progress(&format!(
+            "1b. XMPP latency floor: {} msg/s for {:?}, {}",
+            options.rate,
+            options.latency_time,
+            socket.describe()
+        ));
         xmpp_floor.push(xmpp_ceiling::paced(&route, &mut arrivals, options.rate, options.latency_time, socket).await);
-        cpu.push((if socket == Socket::AsRelay { "1b. XMPP floor, paced" } else { "1b. XMPP floor, paced, NODELAY" }, meter.stop()));
+        cpu.push((
+            if socket == Socket::AsRelay { "1b. XMPP floor, paced" } else { "1b. XMPP floor, paced, NODELAY" },
+            meter.stop(),
+        ));
     }
     let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
     progress(&format!("3b. whole path: {} msg/s for {:?}", options.rate, options.latency_time));
@@ -202,7 +230,8 @@ async fn warm_up_path(target: &Target, arrivals: &mut Arrivals) {
 
 async fn end_to_end(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Options) -> EndToEnd {
     arrivals.clear();
-    let load = http_load::closed_loop(Arc::clone(target), options.concurrency, Limit::Messages(options.e2e_messages)).await;
+    let load =
+        http_load::closed_loop(Arc::clone(target), options.concurrency, Limit::Messages(options.e2e_messages)).await;
     let matched = arrivals.wait_for(&load.ids(), options.idle_timeout).await;
     let first = load.first_sent.expect("the load ran");
     let last = matched.last().unwrap_or(first);
@@ -224,8 +253,11 @@ async fn paced(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Options)
     arrivals.clear();
     let load = http_load::open_loop(Arc::clone(target), options.rate, options.latency_time).await;
     let matched = arrivals.wait_for(&load.ids(), options.idle_timeout).await;
-    let latencies =
-        load.accepted.iter().filter_map(|a| matched.arrived.get(&a.id).map(|at| at.duration_since(a.scheduled))).collect();
+    let latencies = load
+        .accepted
+        .iter()
+        .filter_map(|a| matched.arrived.get(&a.id).map(|at| at.duration_since(a.scheduled)))
+        .collect();
     Paced {
         delivered: matched.arrived.len(),
         duplicates: matched.duplicates,
@@ -257,7 +289,12 @@ fn print_timeline(first: Instant, load: &Outcome, matched: &Matched) {
     }
     let per_second = 1000 / SLOT_MS as usize;
     for (i, (a, d)) in accepted.iter().zip(&delivered).enumerate() {
-        eprintln!("timeline {:>6} ms: accepted {:>6}/s, delivered {:>6}/s", i * SLOT_MS as usize, a * per_second, d * per_second);
+        eprintln!(
+            "timeline {:>6} ms: accepted {:>6}/s, delivered {:>6}/s",
+            i * SLOT_MS as usize,
+            a * per_second,
+            d * per_second
+        );
     }
 }
 

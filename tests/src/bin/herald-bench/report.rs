@@ -5,7 +5,7 @@ use crate::broker_ceiling::Publishing;
 use crate::http_load::Outcome;
 use crate::machine::Machine;
 use crate::options::Options;
-use crate::stats::{ms, Percentiles};
+use crate::stats::{Percentiles, ms};
 use crate::xmpp_ceiling::{Direct, DirectPaced};
 use std::time::Duration;
 
@@ -94,7 +94,14 @@ struct Row {
 
 impl Row {
     fn info(what: String, result: String) -> Self {
-        Self { what, result, ceiling: String::new(), ratio: String::new(), target: String::new(), verdict: String::new() }
+        Self {
+            what,
+            result,
+            ceiling: String::new(),
+            ratio: String::new(),
+            target: String::new(),
+            verdict: String::new(),
+        }
     }
 }
 
@@ -128,7 +135,16 @@ pub fn print(r: &Results) {
     println!("| # | measurement | result | ceiling | ratio | target | verdict |");
     println!("|---|---|---|---|---|---|---|");
     for (i, row) in rows(r).iter().enumerate() {
-        println!("| {} | {} | {} | {} | {} | {} | {} |", i + 1, row.what, row.result, row.ceiling, row.ratio, row.target, row.verdict);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            i + 1,
+            row.what,
+            row.result,
+            row.ceiling,
+            row.ratio,
+            row.target,
+            row.verdict
+        );
     }
     print_cpu(&r.cpu);
 }
@@ -175,10 +191,17 @@ fn ceiling_rows(r: &Results) -> Vec<Row> {
         ),
         Row::info(
             publishing(wide, "headroom"),
-            format!("**{:.0} msg/s** ({} confirmed, {} failed, {:.1} s)", wide.rate(), wide.confirmed, wide.failed, wide.elapsed.as_secs_f64()),
+            format!(
+                "**{:.0} msg/s** ({} confirmed, {} failed, {:.1} s)",
+                wide.rate(),
+                wide.confirmed,
+                wide.failed,
+                wide.elapsed.as_secs_f64()
+            ),
         ),
         Row::info(
-            "XMPP ceiling: direct StanzaStream client with XEP-0198 → Prosody → receiver, first send to last receipt".into(),
+            "XMPP ceiling: direct StanzaStream client with XEP-0198 → Prosody → receiver, first send to last receipt"
+                .into(),
             format!(
                 "**{:.0} msg/s** (median of {}; {}/{} received, {} duplicates)",
                 median(r.xmpp.iter().map(Direct::rate)),
@@ -200,7 +223,10 @@ fn ingress_rows(r: &Results) -> Vec<Row> {
     let answers = i.iter().flat_map(Outcome::answer_latencies).collect();
     vec![
         Row {
-            what: format!("herald-ingress: 202 Accepted per second, {} keep-alive connections, relay stopped", r.options.concurrency),
+            what: format!(
+                "herald-ingress: 202 Accepted per second, {} keep-alive connections, relay stopped",
+                r.options.concurrency
+            ),
             result: format!(
                 "**{:.0} req/s** (median of {}; {} accepted, {} refused)",
                 median(i.iter().map(Outcome::rate)),
@@ -252,7 +278,14 @@ fn e2e_rows(r: &Results) -> Vec<Row> {
                 r.options.rate,
                 r.options.latency_time.as_secs_f64()
             ),
-            result: format!("**{}** ({}/{} delivered, {paced_lost} lost, {} refused, {} duplicates)", summary(p.latency), p.delivered, p.load.accepted.len(), p.load.refused, p.duplicates),
+            result: format!(
+                "**{}** ({}/{} delivered, {paced_lost} lost, {} refused, {} duplicates)",
+                summary(p.latency),
+                p.delivered,
+                p.load.accepted.len(),
+                p.load.refused,
+                p.duplicates
+            ),
             ceiling: String::new(),
             ratio: String::new(),
             target: format!("p99 ≤ {} ms", ms(MAX_P99)),
@@ -301,7 +334,9 @@ fn rss_row(what: &str, kib: Option<u64>) -> Row {
 
 fn print_cpu(cpu: &[CpuUse]) {
     let Some((_, first)) = cpu.first() else { return };
-    println!("\nCPU use per phase, % of one core, averaged over the rounds (RabbitMQ: every beam.smp process, including other users' load):\n");
+    println!(
+        "\nCPU use per phase, % of one core, averaged over the rounds (RabbitMQ: every beam.smp process, including other users' load):\n"
+    );
     let names: Vec<&str> = first.iter().map(|(name, _)| *name).collect();
     println!("| phase | {} |", names.join(" | "));
     println!("|---|{}", "---|".repeat(names.len()));
@@ -312,11 +347,17 @@ fn print_cpu(cpu: &[CpuUse]) {
         }
     }
     for phase in phases {
-        let runs: Vec<&Vec<(&str, Option<f64>)>> = cpu.iter().filter(|(p, _)| *p == phase).map(|(_, usage)| usage).collect();
+        let runs: Vec<&Vec<(&str, Option<f64>)>> =
+            cpu.iter().filter(|(p, _)| *p == phase).map(|(_, usage)| usage).collect();
         let cells: Vec<String> = (0..names.len())
             .map(|column| {
-                let values: Vec<f64> = runs.iter().filter_map(|usage| usage.get(column).and_then(|(_, pct)| *pct)).collect();
-                if values.is_empty() { "–".into() } else { format!("{:.0}", values.iter().sum::<f64>() / values.len() as f64) }
+                let values: Vec<f64> =
+                    runs.iter().filter_map(|usage| usage.get(column).and_then(|(_, pct)| *pct)).collect();
+                if values.is_empty() {
+                    "–".into()
+                } else {
+                    format!("{:.0}", values.iter().sum::<f64>() / values.len() as f64)
+                }
             })
             .collect();
         println!("| {phase} | {} |", cells.join(" | "));

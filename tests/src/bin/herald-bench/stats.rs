@@ -46,7 +46,15 @@ mod tests {
     fn nearest_rank() {
         let samples = (1..=100).map(Duration::from_millis).collect();
         let p = Percentiles::of(samples).expect("not empty");
-        assert_eq!((p.p50, p.p90, p.p99, p.max), (Duration::from_millis(50), Duration::from_millis(90), Duration::from_millis(99), Duration::from_millis(100)));
+        assert_eq!(
+            (p.p50, p.p90, p.p99, p.max),
+            (
+                Duration::from_millis(50),
+                Duration::from_millis(90),
+                Duration::from_millis(99),
+                Duration::from_millis(100)
+            )
+        );
         assert!(Percentiles::of(Vec::new()).is_none());
     }
 }

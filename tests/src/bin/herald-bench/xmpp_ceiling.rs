@@ -19,7 +19,7 @@ use tokio_xmpp::connect::{DnsConfig, ServerConnector};
 use tokio_xmpp::jid::Jid;
 use tokio_xmpp::parsers::message::Message;
 use tokio_xmpp::stanzastream::{Event, StanzaStage, StanzaStream, StanzaToken, StreamEvent};
-use tokio_xmpp::xmlstream::{initiate_stream, PendingFeaturesRecv, StreamHeader, Timeouts};
+use tokio_xmpp::xmlstream::{PendingFeaturesRecv, StreamHeader, Timeouts, initiate_stream};
 
 /// Stanzas queued inside tokio-xmpp, as in the relay's session.
 const QUEUE_DEPTH: usize = 1024;
@@ -99,7 +99,13 @@ pub async fn flat_out(route: &Route<'_>, arrivals: &mut Arrivals, n: usize) -> D
     }
 }
 
-pub async fn paced(route: &Route<'_>, arrivals: &mut Arrivals, rate: u32, duration: Duration, socket: Socket) -> DirectPaced {
+pub async fn paced(
+    route: &Route<'_>,
+    arrivals: &mut Arrivals,
+    rate: u32,
+    duration: Duration,
+    socket: Socket,
+) -> DirectPaced {
     let mut stream = connect(route, socket).await;
     let count = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
     let period = Duration::from_secs(1) / rate.max(1);
@@ -125,7 +131,11 @@ pub async fn paced(route: &Route<'_>, arrivals: &mut Arrivals, rate: u32, durati
 fn messages(route: &Route<'_>, n: usize, tag: &str) -> (Vec<Message>, Vec<String>) {
     let messages: Vec<Message> = (0..n)
         .map(|i| {
-            let job = crate::jobs::job(&route.sender.jid, route.to, crate::jobs::body(&format!("{tag} {i}"), route.body_bytes));
+            let job = crate::jobs::job(
+                &route.sender.jid,
+                route.to,
+                crate::jobs::body(&format!("{tag} {i}"), route.body_bytes),
+            );
             herald_relay::stanza::message(&job)
         })
         .collect();
