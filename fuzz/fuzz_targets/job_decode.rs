@@ -9,6 +9,6 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(job) = Job::decode(data) {
         let again = Job::decode(&job.encode()).expect("a decoded job re-encodes");
         assert_eq!(again, job);
-        let _ = herald_relay::stanza::message(&job);
+        let _ = herald_relay::xmpp::stanza::message(&job);
     }
 });

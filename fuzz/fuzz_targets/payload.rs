@@ -43,7 +43,7 @@ fuzz_target!(|input: &[u8]| {
     for raw in [raw, fallback] {
         let Ok(jobs) = build_jobs(user, raw, 64 * 1024) else { continue };
         for job in jobs {
-            let xml = String::from(&minidom::Element::from(herald_relay::stanza::message(&job)));
+            let xml = String::from(&minidom::Element::from(herald_relay::xmpp::stanza::message(&job)));
             let element: minidom::Element = xml.parse().expect("accepted jobs serialise to well-formed XML");
             xmpp_parsers::message::Message::try_from(element).expect("and to a valid message");
         }

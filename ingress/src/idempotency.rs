@@ -7,7 +7,7 @@
 //! - this process remembers the keys it accepted for the window and
 //!   answers a repeat with the first answer, publishing nothing;
 //! - the relay remembers the idempotent ids it delivered for its window
-//!   and does not send one twice (`herald_relay::seen`).
+//!   and does not send one twice (`herald_relay::delivery::seen`).
 
 use crate::error::Error;
 use crate::routes::AcceptedJob;

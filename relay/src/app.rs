@@ -1,22 +1,27 @@
 //! Building and running the relay. `main` and the tests go through here.
 
-use crate::accounts::{self, Account};
-use crate::config::Config;
-use crate::consumer::{self, Dispatcher};
-use crate::error::Error;
-use crate::metrics::{Metrics, QueueLabels};
-use crate::recent::Recent;
-use crate::seen::Seen;
-use crate::session::{self, SessionHandle};
-use herald_shared::admin::{Admin, Readiness};
-use herald_shared::amqp::ConfirmChannel;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
+use std::{
+    future::Future,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use herald_shared::{
+    admin::{Admin, Readiness},
+    amqp::ConfirmChannel,
+};
+use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use prometheus_client::registry::Registry;
-use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+
+use crate::{
+    broker::Worker,
+    config::Config,
+    delivery::{self, Delivery, retry::Policy},
+    error::Error,
+    metrics::{Metrics, QueueLabels},
+    xmpp::{Account, SessionSettings, accounts},
+};
 
 /// How often the depth of the work and dead queues is sampled for metrics.
 const QUEUE_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
@@ -28,8 +33,8 @@ pub struct Application {
     amqp_url: String,
     accounts: Vec<Account>,
     admin: Admin,
-    registry_metrics: Arc<Metrics>,
-    sessions_ready: Arc<std::sync::OnceLock<Vec<SessionHandle>>>,
+    metrics: Arc<Metrics>,
+    delivery: Arc<OnceLock<Arc<Delivery>>>,
 }
 
 impl Application {
@@ -45,15 +50,15 @@ impl Application {
         }
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
-        let sessions_ready: Arc<std::sync::OnceLock<Vec<SessionHandle>>> = Arc::default();
+        let delivery: Arc<OnceLock<Arc<Delivery>>> = Arc::default();
         let ready: Readiness = {
-            let (metrics, sessions) = (Arc::clone(&metrics), Arc::clone(&sessions_ready));
-            Arc::new(move || readiness(&metrics, sessions.get().map(Vec::as_slice).unwrap_or_default()))
+            let (metrics, delivery) = (Arc::clone(&metrics), Arc::clone(&delivery));
+            Arc::new(move || readiness(&metrics, delivery.get().map(Arc::as_ref)))
         };
         let admin = Admin::bind(config.admin_listen, registry, ready)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.admin_listen)))?;
-        Ok(Self { config, amqp_url, accounts, admin, registry_metrics: metrics, sessions_ready })
+        Ok(Self { config, amqp_url, accounts, admin, metrics, delivery })
     }
 
     pub fn admin_port(&self) -> u16 {
@@ -63,57 +68,40 @@ impl Application {
     /// Runs until `shutdown` resolves, then stops consuming, waits (bounded)
     /// for the acks of what was already sent, and closes the XMPP streams.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let Self { config, amqp_url, accounts, admin, registry_metrics: metrics, sessions_ready } = self;
+        let Self { config, amqp_url, accounts, admin, metrics, delivery: ready_delivery } = self;
         let stop_admin = CancellationToken::new();
         let admin = tokio::spawn(admin.serve(stop_admin.clone().cancelled_owned()));
-        let topology = config.broker.topology();
         let stop_sessions = CancellationToken::new();
-        let mut sessions = std::collections::HashMap::new();
-        let mut session_tasks = Vec::new();
-        let (bounces_tx, mut bounces) = tokio::sync::mpsc::unbounded_channel();
-        for account in accounts {
-            let (handle, task): (SessionHandle, _) = session::spawn(
-                account,
-                config.ack_timeout,
-                bounces_tx.clone(),
-                Arc::clone(&metrics),
-                stop_sessions.clone(),
-            );
-            sessions.insert(handle.jid().clone(), handle);
-            session_tasks.push(task);
-        }
-        let _ = sessions_ready.set(sessions.values().cloned().collect());
+        let settings = delivery::Settings {
+            session: SessionSettings { ack_timeout: config.ack_timeout, nick_suffix: config.instance.clone() },
+            policy: Policy { delays: config.retry_delays.0.clone(), unknown_sender_grace: config.unknown_sender_grace },
+            online_timeout: config.online_timeout,
+            max_stanza_bytes: config.max_stanza_bytes,
+            idempotency_window: config.idempotency_window,
+        };
+        let (delivery, session_tasks) = Delivery::start(accounts, settings, Arc::clone(&metrics), &stop_sessions);
+        let delivery = Arc::new(delivery);
+        let _ = ready_delivery.set(Arc::clone(&delivery));
         let publisher = Arc::new(ConfirmChannel::new(
             &amqp_url,
             "herald-relay publisher",
-            topology.clone(),
+            config.broker.topology(),
             config.retry_delays.0.clone(),
         ));
-        let dispatcher = Arc::new(Dispatcher {
-            sessions,
-            publisher: Arc::clone(&publisher),
-            topology,
-            retry_delays: config.retry_delays.0.clone(),
-            online_timeout: config.online_timeout,
-            max_stanza_bytes: config.max_stanza_bytes,
-            recent: Recent::default(),
-            seen: Seen::new(config.idempotency_window),
-            metrics: Arc::clone(&metrics),
-        });
+        let worker = Arc::new(Worker::new(
+            delivery,
+            Arc::clone(&publisher),
+            config.retry_delays.0.clone(),
+            Arc::clone(&metrics),
+        ));
         let sampler = tokio::spawn(sample_queues(Arc::clone(&publisher), Arc::clone(&metrics), stop_admin.clone()));
-        drop(bounces_tx);
-        // Ends when the last session is gone.
-        let bounce_handler = tokio::spawn({
-            let dispatcher = Arc::clone(&dispatcher);
-            async move {
-                while let Some(bounce) = bounces.recv().await {
-                    dispatcher.on_bounce(bounce).await;
-                }
-            }
+        let stop_bounces = CancellationToken::new();
+        let bounces = tokio::spawn({
+            let (worker, stop) = (Arc::clone(&worker), stop_bounces.clone());
+            async move { worker.settle_bounces(stop).await }
         });
         let stop_consuming = CancellationToken::new();
-        let consumer = tokio::spawn(consumer::run(
-            Arc::clone(&dispatcher),
+        let consumer = tokio::spawn(Arc::clone(&worker).consume(
             amqp_url,
             config.prefetch,
             config.drain_timeout,
@@ -129,7 +117,18 @@ impl Application {
         for task in session_tasks {
             drop(task.await);
         }
-        drop(bounce_handler.await);
+        // Ends when the last session is gone, or gives up on a broker that
+        // does not take a bounced job within the drain timeout.
+        let give_up = tokio::spawn({
+            let stop = stop_bounces.clone();
+            let drain = config.drain_timeout;
+            async move {
+                tokio::time::sleep(drain).await;
+                stop.cancel();
+            }
+        });
+        drop(bounces.await);
+        give_up.abort();
         stop_admin.cancel();
         drop(sampler.await);
         drop(admin.await);
@@ -139,20 +138,16 @@ impl Application {
     }
 }
 
-/// Ready when consuming and every sender session is online; otherwise says
-/// which part is missing.
-fn readiness(metrics: &Metrics, sessions: &[SessionHandle]) -> Result<(), String> {
+/// Ready when consuming and every sender session can deliver; otherwise
+/// says which part is missing.
+fn readiness(metrics: &Metrics, delivery: Option<&Delivery>) -> Result<(), String> {
     let mut problems = Vec::new();
     if metrics.consuming.get() == 0 {
         problems.push("not consuming from the broker".to_owned());
     }
-    for session in sessions {
-        if let Some(why) = session.offline_reason() {
-            problems.push(format!("{}: {why}", session.jid()));
-        }
-    }
-    if sessions.is_empty() {
-        problems.push("sessions not started".to_owned());
+    match delivery {
+        Some(delivery) => problems.extend(delivery.problems()),
+        None => problems.push("sessions not started".to_owned()),
     }
     if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
 }
@@ -161,7 +156,11 @@ fn readiness(metrics: &Metrics, sessions: &[SessionHandle]) -> Result<(), String
 async fn sample_queues(publisher: Arc<ConfirmChannel>, metrics: Arc<Metrics>, stop: CancellationToken) {
     let topology = publisher.topology().clone();
     loop {
-        if let Ok(channel) = publisher.channel().await {
+        let channel = tokio::select! {
+            () = stop.cancelled() => return,
+            channel = publisher.channel() => channel,
+        };
+        if let Ok(channel) = channel {
             for queue in [topology.work_queue(), topology.dead_queue()] {
                 let options = QueueDeclareOptions { passive: true, ..Default::default() };
                 if let Ok(q) = channel.queue_declare(queue.as_str().into(), options, FieldTable::default()).await {

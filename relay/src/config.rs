@@ -67,43 +67,66 @@ pub struct Config {
     pub admin_listen: SocketAddr,
 
     /// TOML file of `[[accounts]]` with `jid`, `password`, optional
-    /// `server = "host:port"` and optional `tls = "required" | "none"`.
+    /// `server = "host:port"` (default: SRV records of the JID's domain),
+    /// optional `tls = "required"` (STARTTLS, the default) | `"direct"`
+    /// (TLS from the first byte, XEP-0368) | `"none"` (loopback servers
+    /// only), and optional `nick` (in group chat rooms; default: the JID's
+    /// local part).
     #[arg(long, env = "HERALD_ACCOUNTS_FILE", required = true)]
     pub accounts_file: Option<PathBuf>,
 
-    /// How many unacknowledged jobs the relay holds at once.
-    #[arg(long, env = "HERALD_PREFETCH", default_value_t = 1024)]
+    /// How many unacknowledged jobs the relay holds at once (1 to 65535).
+    #[arg(long, env = "HERALD_PREFETCH", default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
-    /// Delays between delivery attempts after a transient failure; after the
-    /// last one the job is parked in `<prefix>.dead`.
+    /// Delays between delivery attempts after a transient failure, each at
+    /// least 100ms; after the last one the job is parked in `<prefix>.dead`.
     #[arg(long, env = "HERALD_RETRY_DELAYS", default_value = DEFAULT_RETRY_DELAYS, value_parser = parse_delays)]
     pub retry_delays: Delays,
 
-    /// How long to wait for the XMPP server to acknowledge a stanza.
-    #[arg(long, env = "HERALD_ACK_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// How long to wait for the XMPP server to acknowledge a stanza (at
+    /// least 1s).
+    #[arg(long, env = "HERALD_ACK_TIMEOUT", default_value = "30s", value_parser = at_least::<1000>)]
     pub ack_timeout: Duration,
 
     /// The XMPP server's stanza size limit (Prosody's
     /// `c2s_stanza_size_limit`, 256 KiB by default): a job whose message
     /// would be larger is parked, since sending it would only make the
     /// server close the stream, again on every retry.
-    #[arg(long, env = "HERALD_MAX_STANZA_BYTES", default_value_t = 256 * 1024)]
+    #[arg(long, env = "HERALD_MAX_STANZA_BYTES", default_value_t = 256 * 1024, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(4096..), |v| v as usize))]
     pub max_stanza_bytes: usize,
 
     /// How long a job waits for its sender's session to come online before
-    /// it is retried later.
-    #[arg(long, env = "HERALD_ONLINE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// it is retried later (at least 100ms).
+    #[arg(long, env = "HERALD_ONLINE_TIMEOUT", default_value = "10s", value_parser = at_least::<100>)]
     pub online_timeout: Duration,
 
-    /// On shutdown, how long to wait for the acks of jobs already sent.
-    #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    /// On shutdown, how long to wait for the acks of jobs already sent (at
+    /// least 1s).
+    #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "20s", value_parser = at_least::<1000>)]
     pub drain_timeout: Duration,
 
-    /// How long this relay remembers the ids of idempotent jobs it delivered
-    /// (jobs posted with an Idempotency-Key), and sends none of them twice.
+    /// How long this relay remembers the ids of the jobs it delivered (at
+    /// most 65,536 of them), and sends none of them twice: a copy the
+    /// broker redelivers, or one posted again with the same
+    /// Idempotency-Key, is acked without being sent. 0s remembers nothing.
     #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
     pub idempotency_window: Duration,
+
+    /// How long a job whose sender this relay holds no account for is given
+    /// back (through the first delay queue) for another replica that may
+    /// hold it, counted from when the ingress accepted it; then it is
+    /// parked. Covers a rolling change of the accounts file.
+    #[arg(long, env = "HERALD_UNKNOWN_SENDER_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub unknown_sender_grace: Duration,
+
+    /// This replica's name: the suffix of its nick (`nick-NAME`) in a group
+    /// chat room that says the account's nick is taken (another replica on
+    /// a server without multi-session nicks). Default: the last
+    /// `-`-separated part of the host name (a pod's random suffix), or a
+    /// random one.
+    #[arg(long, env = "HERALD_INSTANCE", default_value_t = default_instance(), hide_default_value = true)]
+    pub instance: String,
 }
 
 /// `HERALD_RETRY_DELAYS` when it is not set.
@@ -120,6 +143,9 @@ impl Default for Delays {
     }
 }
 
+/// The shortest retry delay: a shorter one is a hot loop through the broker.
+pub const MIN_RETRY_DELAY: Duration = Duration::from_millis(100);
+
 fn parse_delays(text: &str) -> Result<Delays, String> {
     let delays = text
         .split(',')
@@ -127,10 +153,32 @@ fn parse_delays(text: &str) -> Result<Delays, String> {
         .filter(|s| !s.is_empty())
         .map(|s| humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    if delays.iter().any(Duration::is_zero) {
-        return Err("a retry delay must be longer than zero".into());
+    if delays.is_empty() {
+        return Err("at least one retry delay is needed (otherwise every transient failure would be parked)".into());
+    }
+    if let Some(short) = delays.iter().find(|d| **d < MIN_RETRY_DELAY) {
+        return Err(format!("a retry delay must be at least {MIN_RETRY_DELAY:?}, not {short:?}"));
     }
     Ok(Delays(delays))
+}
+
+/// A duration of at least `MIN_MS` milliseconds.
+fn at_least<const MIN_MS: u64>(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    let min = Duration::from_millis(MIN_MS);
+    if duration < min {
+        return Err(format!("must be at least {}", humantime::format_duration(min)));
+    }
+    Ok(duration)
+}
+
+/// `HERALD_INSTANCE` when it is not set.
+fn default_instance() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    match host.rsplit('-').next().filter(|s| !s.is_empty()) {
+        Some(last) => last.to_owned(),
+        None => format!("{:04x}", rand::random::<u16>()),
+    }
 }
 
 #[cfg(test)]
@@ -143,8 +191,10 @@ mod tests {
             parse_delays("1s, 5s,2m").expect("ok").0,
             vec![Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(120)]
         );
-        assert_eq!(parse_delays("").expect("ok").0, Vec::<Duration>::new());
+        assert!(parse_delays("").is_err(), "no retries at all");
         assert!(parse_delays("0s").is_err());
+        assert!(parse_delays("1s,99ms").is_err(), "a hot retry");
+        assert!(at_least::<1000>("0s").is_err() && at_least::<1000>("1s").is_ok());
         assert!(parse_delays("soon").is_err());
         // The README documents this default.
         assert_eq!(Delays::default().0, [1, 5, 30, 120, 600].map(Duration::from_secs));

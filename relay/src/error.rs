@@ -22,6 +22,10 @@ pub enum DeliveryError {
     /// rejected): retried for as long as that lasts, never parked.
     #[error("sender offline: {0}")]
     SenderOffline(String),
+    /// This relay holds no XMPP account for the job's sender; another
+    /// replica may.
+    #[error("no account: {0}")]
+    NoAccount(String),
     /// Will never succeed as it is: park it for an operator.
     #[error("permanent: {0}")]
     Permanent(String),

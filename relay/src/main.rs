@@ -1,6 +1,6 @@
 use clap::Parser;
 use herald_relay::config::{Cli, Command, DeadCommand};
-use herald_relay::{Application, dead};
+use herald_relay::{Application, broker::dead};
 use herald_shared::{admin, shutdown, telemetry};
 use std::process::ExitCode;
 

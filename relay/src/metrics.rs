@@ -55,6 +55,7 @@ pub struct QueueLabels {
 pub struct Metrics {
     pub deliveries: Family<OutcomeLabels, Counter>,
     pub bounces: Family<ConditionLabels, Counter>,
+    pub bounces_ignored: Counter,
     pub delivery_latency: Histogram,
     pub sessions_online: Gauge,
     pub consuming: Gauge,
@@ -66,6 +67,7 @@ impl Metrics {
         let metrics = Self {
             deliveries: Family::default(),
             bounces: Family::default(),
+            bounces_ignored: Counter::default(),
             delivery_latency: Histogram::new(herald_shared::admin::latency_buckets()),
             sessions_online: Gauge::default(),
             consuming: Gauge::default(),
@@ -76,6 +78,11 @@ impl Metrics {
             "herald_bounces",
             "Error stanzas bounced after the server accepted a message, by condition",
             metrics.bounces.clone(),
+        );
+        registry.register(
+            "herald_bounces_ignored",
+            "Error stanzas ignored: not from the message's recipient, or for a message this relay does not remember",
+            metrics.bounces_ignored.clone(),
         );
         registry.register(
             "herald_delivery_latency_seconds",

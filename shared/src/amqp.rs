@@ -124,7 +124,7 @@ impl ConfirmChannel {
         let connection = connect(&self.url, &self.name).await?;
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        self.topology.declare(&channel, &self.retry_delays).await?;
+        self.topology.declare(&connection, &channel, &self.retry_delays).await?;
         Ok((connection, channel))
     }
 
@@ -164,7 +164,9 @@ impl ConfirmChannel {
             Ok(result) => result,
             Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
         };
-        if matches!(result, Err(PublishError::Channel(_) | PublishError::Timeout(_))) {
+        // Unroutable: a queue was deleted under us; a new connection
+        // declares the topology again.
+        if matches!(result, Err(PublishError::Channel(_) | PublishError::Timeout(_) | PublishError::Unroutable)) {
             self.forget(&connection);
         }
         result

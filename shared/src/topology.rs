@@ -12,7 +12,7 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use std::time::Duration;
 
 /// Routing key of the work queue on the jobs exchange.
@@ -20,6 +20,11 @@ pub const WORK_ROUTING_KEY: &str = "work";
 /// How often a delivery may be handed out before the broker parks it: the
 /// guard against a job that crashes the consumer every time.
 pub const DELIVERY_LIMIT: i64 = 10;
+
+/// The dead queue's delivery limit: more than any number of listings, and
+/// positive, which every RabbitMQ version takes as a limit (see
+/// `declare_dead_queue`).
+pub const DEAD_DELIVERY_LIMIT: i64 = i32::MAX as i64;
 
 /// AMQP headers Herald sets.
 pub mod headers {
@@ -71,8 +76,14 @@ impl Topology {
     }
 
     /// Declares everything (idempotent). The ingress passes no retry delays;
-    /// the relay passes its schedule.
-    pub async fn declare(&self, channel: &Channel, retry_delays: &[Duration]) -> lapin::Result<()> {
+    /// the relay passes its schedule. `connection` is the one `channel`
+    /// belongs to: the dead queue's probes use channels of their own.
+    pub async fn declare(
+        &self,
+        connection: &Connection,
+        channel: &Channel,
+        retry_delays: &[Duration],
+    ) -> lapin::Result<()> {
         let durable = QueueDeclareOptions { durable: true, ..Default::default() };
         channel
             .exchange_declare(
@@ -82,7 +93,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        channel.queue_declare(self.dead_queue().into(), durable, quorum(&[])).await?;
+        self.declare_dead_queue(connection).await?;
         let work_args = quorum(&[
             ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
             ("x-dead-letter-exchange", str_value("")),
@@ -111,6 +122,36 @@ impl Topology {
             channel.queue_declare(self.retry_queue(*delay).into(), durable, args).await?;
         }
         Ok(())
+    }
+
+    /// The dead queue must never drop a parked job. RabbitMQ 4.x gives
+    /// quorum queues a default delivery limit of 20 and drops a message past
+    /// it (this queue dead-letters nowhere), and `dead list` and a filtered
+    /// `dead replay` give messages back, which counts as a delivery. A new
+    /// dead queue is declared with a delivery limit no one reaches
+    /// ([`DEAD_DELIVERY_LIMIT`]): `-1`, 4.x's "no limit", would make 3.x
+    /// drop every message given back. An existing queue is left as it is (a
+    /// queue's arguments cannot change): one declared without the limit
+    /// before an upgrade to 4.x needs the policy the README gives. The probe
+    /// closes its channel when the queue is missing, so it has its own.
+    async fn declare_dead_queue(&self, connection: &Connection) -> lapin::Result<()> {
+        let probe = connection.create_channel().await?;
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let exists = probe.queue_declare(self.dead_queue().into(), passive, FieldTable::default()).await.is_ok();
+        if probe.status().connected() {
+            drop(probe.close(200, "probed".into()).await);
+        }
+        if exists {
+            return Ok(());
+        }
+        let channel = connection.create_channel().await?;
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        let args = quorum(&[("x-delivery-limit", AMQPValue::LongLongInt(DEAD_DELIVERY_LIMIT))]);
+        let declared = channel.queue_declare(self.dead_queue().into(), durable, args).await.map(drop);
+        if channel.status().connected() {
+            drop(channel.close(200, "declared".into()).await);
+        }
+        declared
     }
 }
 

@@ -86,6 +86,22 @@ impl Broker {
         self.publish_work(&job.encode(), properties).await;
     }
 
+    /// Publishes raw bytes straight into `queue` (the default exchange).
+    pub async fn publish_to(&self, queue: &str, payload: &[u8]) {
+        let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+        let confirm = self
+            .channel
+            .basic_publish("".into(), queue.into(), lapin::options::BasicPublishOptions::default(), payload, properties)
+            .await
+            .expect("publish");
+        drop(confirm);
+    }
+
+    /// Deletes a queue under the services' feet.
+    pub async fn delete_queue(&self, queue: &str) {
+        self.channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await.expect("delete the queue");
+    }
+
     async fn publish_work(&self, payload: &[u8], properties: lapin::BasicProperties) {
         let confirm = self
             .channel

@@ -5,6 +5,7 @@
 
 pub mod binaries;
 pub mod broker;
+pub mod fixture;
 pub mod load;
 pub mod poll;
 pub mod prosody;

@@ -12,6 +12,9 @@ pub struct Proxy {
     /// `true` while the link is cut: open connections close, new ones are
     /// refused.
     cut: watch::Sender<bool>,
+    /// `true` while the link is frozen: connections stay open but nothing
+    /// is forwarded either way (a peer that stopped reading).
+    frozen: watch::Sender<bool>,
     /// Connections accepted and not yet closed.
     open: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -24,6 +27,7 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let (cut, cut_rx) = watch::channel(false);
+        let (frozen, frozen_rx) = watch::channel(false);
         let open = Arc::new(AtomicUsize::new(0));
         let open_accept = Arc::clone(&open);
         let task = tokio::spawn(async move {
@@ -36,21 +40,26 @@ impl Proxy {
                 if *cut_rx.borrow() {
                     continue;
                 }
-                let (upstream, mut cut_rx) = (upstream.clone(), cut_rx.clone());
+                let (upstream, mut cut_rx, mut frozen_rx) = (upstream.clone(), cut_rx.clone(), frozen_rx.clone());
                 tokio::spawn(async move {
                     let _guard = guard;
                     let Ok(server) = TcpStream::connect(&upstream).await else { return };
                     let (mut client, mut server) = (client, server);
-                    tokio::select! {
+                    let frozen = tokio::select! {
                         biased;
-                        _ = cut_rx.wait_for(|cut| *cut) => {}
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut_rx.wait_for(|cut| *cut) => false,
+                        _ = frozen_rx.wait_for(|frozen| *frozen) => true,
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                    };
+                    if frozen {
+                        // Hold both ends, forward nothing, until cut.
+                        let _ = cut_rx.wait_for(|cut| *cut).await.is_ok();
                     }
                     // Dropping both ends resets the link mid-stream.
                 });
             }
         });
-        Self { port, cut, open, task }
+        Self { port, cut, frozen, open, task }
     }
 
     /// `amqp://…` URL `url` with its host and port replaced by this proxy.
@@ -73,9 +82,16 @@ impl Proxy {
         .await;
     }
 
-    /// Accepts connections again.
+    /// Accepts connections again (and forwards again, if frozen).
     pub fn restore(&self) {
+        self.frozen.send_replace(false);
         self.cut.send_replace(false);
+    }
+
+    /// Stops forwarding on every connection, open or new, while keeping
+    /// them open: the peer looks alive but reads nothing. `cut` ends it.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
     }
 }
 

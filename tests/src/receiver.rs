@@ -132,6 +132,11 @@ impl Receiver {
         tokio::time::timeout(Duration::from_secs(20), answered).await.expect("the room answered within 20 s");
     }
 
+    /// Sends any stanza as this client, as a misbehaving recipient could.
+    pub fn send(&self, stanza: Stanza) {
+        self.outgoing.send(stanza).expect("receiver task alive");
+    }
+
     /// Waits for the next message, up to `deadline`.
     pub async fn next(&mut self, deadline: Duration) -> Option<Received> {
         tokio::time::timeout(deadline, self.messages.recv()).await.ok().flatten()

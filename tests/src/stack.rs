@@ -20,6 +20,8 @@ pub struct StackOptions {
     pub stream_management: bool,
     /// More `[[users]]` entries for the ingress users file.
     pub extra_users: String,
+    /// The relay's `HERALD_UNKNOWN_SENDER_GRACE`.
+    pub unknown_sender_grace: Duration,
 }
 
 impl Default for StackOptions {
@@ -30,6 +32,7 @@ impl Default for StackOptions {
             retry_delays: vec![Duration::from_millis(200), Duration::from_millis(500)],
             stream_management: true,
             extra_users: String::new(),
+            unknown_sender_grace: Duration::from_secs(300),
         }
     }
 }
@@ -91,7 +94,8 @@ impl Stack {
             ingress.run_until(async move { token.cancelled().await }).await.expect("ingress runs");
         }));
         if options.relay {
-            let config = relay_config(&amqp_url, &broker.prefix, accounts_file, &options.retry_delays);
+            let mut config = relay_config(&amqp_url, &broker.prefix, accounts_file, &options.retry_delays);
+            config.unknown_sender_grace = options.unknown_sender_grace;
             let relay = herald_relay::Application::build(config).await.expect("relay builds");
             relay_admin_url = Some(format!("http://127.0.0.1:{}", relay.admin_port()));
             let token = stop.clone();
@@ -189,5 +193,7 @@ pub fn relay_config(
         max_stanza_bytes: 256 * 1024,
         drain_timeout: Duration::from_secs(10),
         idempotency_window: Duration::from_secs(600),
+        unknown_sender_grace: Duration::from_secs(300),
+        instance: "test".to_owned(),
     }
 }

@@ -1,7 +1,7 @@
 //! The relay's batch acks against the real broker: what RabbitMQ accepts.
 
 use futures::StreamExt;
-use herald_relay::acks::Acks;
+use herald_relay::broker::acks::Acks;
 use herald_tests::Broker;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -17,7 +17,7 @@ async fn a_batch_ack_after_a_requeue_settles_the_rest_and_keeps_the_channel() {
     let topology = broker.topology();
     let connection = herald_shared::amqp::connect(&broker.url, "herald-tests-acks").await.expect("connect");
     let channel = connection.create_channel().await.expect("channel");
-    topology.declare(&channel, &[]).await.expect("declare");
+    topology.declare(&connection, &channel, &[]).await.expect("declare");
     for i in 0..3 {
         broker.publish_raw(format!("job {i}").as_bytes()).await;
     }
@@ -39,7 +39,7 @@ async fn a_batch_ack_after_a_requeue_settles_the_rest_and_keeps_the_channel() {
     // No more deliveries to this consumer: a requeued job stays in the queue.
     channel.basic_cancel("acks-test".into(), BasicCancelOptions::default()).await.expect("cancel");
 
-    let acks = Acks::new(channel.clone());
+    let acks = Acks::new(channel.clone(), 1);
     acks.finished(tags[0]);
     acks.finished(tags[1]);
     acks.requeue(tags[2]).await.expect("nack");

@@ -9,6 +9,7 @@ use herald_tests::{Receiver, Stack, StackOptions, poll};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::time::Duration;
 use tokio_xmpp::parsers::message::MessageType;
 
 async fn accepted(response: reqwest::Response) -> Vec<(String, String)> {
@@ -229,10 +230,12 @@ async fn without_stream_management_a_ping_proves_delivery() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_sender_without_relay_account_is_parked_with_the_reason() {
+async fn a_sender_no_relay_holds_is_given_back_then_parked_with_the_reason() {
     let orphan_password = "orphan-password";
     let extra = herald_tests::stack::user_entry("orphan@localhost", orphan_password, Some("ghost@localhost"));
-    let stack = Stack::start(StackOptions { extra_users: extra, ..Default::default() }).await;
+    let grace = Duration::from_secs(2);
+    let options = StackOptions { extra_users: extra, unknown_sender_grace: grace, ..Default::default() };
+    let stack = Stack::start(options).await;
     let jobs =
         accepted(stack.post_as("orphan@localhost", orphan_password, "/msg/ops", Some("text/plain"), "lost?").await)
             .await;
@@ -240,7 +243,17 @@ async fn a_sender_without_relay_account_is_parked_with_the_reason() {
     let parked = poll::until("the job to be parked", ARRIVAL, || async { stack.broker.get(&dead).await }).await;
     let reason = header_text(&parked.delivery.properties, headers::REASON).expect("reason header");
     assert!(reason.contains("ghost@localhost"), "reason names the sender: {reason}");
-    assert_eq!(header_text(&parked.delivery.properties, headers::ATTEMPT).as_deref(), Some("1"));
+    assert!(reason.contains("no relay took the job within 2s"), "parked after the grace period: {reason}");
+    assert_eq!(
+        header_text(&parked.delivery.properties, headers::ATTEMPT).as_deref(),
+        Some("1"),
+        "giving back counts no attempt"
+    );
+    // Given back (for another replica) before it was parked.
+    let metrics = stack.http.get(format!("{}/metrics", stack.relay_admin_url.as_deref().expect("relay"))).send().await;
+    let metrics = metrics.expect("metrics").text().await.expect("text");
+    let retried = metrics.lines().find(|l| l.starts_with(r#"herald_deliveries_total{outcome="retried"}"#));
+    assert!(retried.is_some_and(|l| !l.ends_with(" 0")), "{metrics}");
     assert!(header_text(&parked.delivery.properties, headers::PARKED_AT).is_some());
     assert_eq!(herald_shared::Job::decode(&parked.delivery.data).expect("job").id().to_string(), jobs[0].0);
     stack.stop().await;

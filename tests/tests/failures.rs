@@ -3,30 +3,18 @@
 //! broker link, a wrong password). Every message that got a 202 must
 //! arrive; duplicates are counted and reported (`FAULT …` lines).
 
-use herald_shared::topology::headers;
-use herald_tests::binaries::{Service, ServiceEnv};
-use herald_tests::broker::header_text;
-use herald_tests::load::{self, Sent, Tally};
-use herald_tests::proxy::{self, Proxy};
-use herald_tests::stack::user_entry;
-use herald_tests::{Broker, Prosody, Receiver, Stack, StackOptions, XmppAccount, poll};
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-const ARRIVAL: Duration = Duration::from_secs(30);
-const RETRY_DELAYS: &str = "200ms,500ms,1s";
-
-fn retry_delays() -> Vec<Duration> {
-    [200, 500, 1000].into_iter().map(Duration::from_millis).collect()
-}
-
-async fn job_id(response: reqwest::Response) -> String {
-    assert_eq!(response.status(), 202, "expected 202");
-    let json: serde_json::Value = response.json().await.expect("json");
-    json["jobs"][0]["id"].as_str().expect("id").to_owned()
-}
+use herald_shared::topology::headers;
+use herald_tests::{
+    Receiver, Stack, StackOptions,
+    binaries::Service,
+    broker::header_text,
+    fixture::{ARRIVAL, Fixture, HTTP_PASSWORD, job_id, report},
+    load::{self, Sent, Tally},
+    poll,
+    proxy::{self, Proxy},
+};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bounced_message_is_parked_with_its_condition_and_can_be_replayed() {
@@ -43,7 +31,7 @@ async fn a_bounced_message_is_parked_with_its_condition_and_can_be_replayed() {
 
     let broker = herald_tests::stack::broker_args(&stack.broker.url, &stack.broker.prefix);
     let mut listing = Vec::new();
-    assert_eq!(herald_relay::dead::list(&broker, 10, &mut listing).await.expect("list"), 1);
+    assert_eq!(herald_relay::broker::dead::list(&broker, 10, &mut listing).await.expect("list"), 1);
     let parked: serde_json::Value = serde_json::from_slice(&listing).expect("one JSON line");
     assert_eq!(parked["id"], id.as_str());
     assert_eq!(parked["attempts"], 1);
@@ -54,8 +42,8 @@ async fn a_bounced_message_is_parked_with_its_condition_and_can_be_replayed() {
     // The account appears; the operator replays the job and it arrives.
     let account = stack.prosody.register_as(&user, "pw");
     let mut rx = Receiver::connect(&stack.prosody, &account).await;
-    assert_eq!(herald_relay::dead::replay(&broker, &["no-such-id".into()]).await.expect("replay"), 0);
-    assert_eq!(herald_relay::dead::replay(&broker, std::slice::from_ref(&id)).await.expect("replay"), 1);
+    assert_eq!(herald_relay::broker::dead::replay(&broker, &["no-such-id".into()]).await.expect("replay"), 0);
+    assert_eq!(herald_relay::broker::dead::replay(&broker, std::slice::from_ref(&id)).await.expect("replay"), 1);
     let m = rx.next(ARRIVAL).await.expect("the replayed job arrives");
     assert_eq!((m.id.as_deref(), m.body.as_str()), (Some(id.as_str()), "wait for me"));
     assert_eq!(stack.broker.ready(&dead).await, 0);
@@ -70,111 +58,6 @@ async fn a_bounced_message_is_parked_with_its_condition_and_can_be_replayed() {
     assert!(text.contains(r#"herald_bounces_total{condition="service-unavailable"} 1"#), "{text}");
     assert!(text.contains(r#"herald_deliveries_total{outcome="parked"} 1"#), "{text}");
     stack.stop().await;
-}
-
-/// The real binaries on a private Prosody, with an HTTP user for the
-/// sender and a recipient whose client is connected.
-struct Fixture {
-    broker: Broker,
-    prosody: Prosody,
-    sender: XmppAccount,
-    recipient: XmppAccount,
-    env: ServiceEnv,
-    dir: tempfile::TempDir,
-    http: reqwest::Client,
-}
-
-const HTTP_PASSWORD: &str = "fault-http-pw";
-
-impl Fixture {
-    async fn start() -> Self {
-        herald_shared::telemetry::install_crypto_provider();
-        let broker = Broker::connect().await;
-        let prosody = Prosody::start().await;
-        let sender = prosody.register("sender");
-        let recipient = prosody.register("recipient");
-        let dir = tempfile::Builder::new().prefix("herald-fault-").tempdir().expect("tempdir");
-        let users = dir.path().join("users.toml");
-        let accounts = dir.path().join("accounts.toml");
-        std::fs::write(&users, user_entry(&sender.jid, HTTP_PASSWORD, None)).expect("users");
-        std::fs::write(&accounts, prosody.accounts_entry(&sender)).expect("accounts");
-        let env = ServiceEnv::new(broker.url.clone(), broker.prefix.clone(), users, accounts);
-        Self { broker, prosody, sender, recipient, env, dir, http: reqwest::Client::new() }
-    }
-
-    fn relay_env(&self) -> Vec<(&'static str, String)> {
-        let mut env = self.env.relay();
-        env.push(("HERALD_RETRY_DELAYS", RETRY_DELAYS.into()));
-        env.push(("HERALD_ONLINE_TIMEOUT", "2s".into()));
-        env
-    }
-
-    fn spawn_relay(&self) -> Service {
-        Service::spawn_logged("herald-relay", &self.relay_env(), Some(&self.log("relay")))
-    }
-
-    fn spawn_ingress(&self) -> Service {
-        Service::spawn_logged("herald-ingress", &self.env.ingress(), Some(&self.log("ingress")))
-    }
-
-    fn log(&self, name: &str) -> PathBuf {
-        self.dir.path().join(format!("{name}.log"))
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/msg/{}", self.env.ingress_port, self.recipient.jid)
-    }
-
-    async fn ready(&self, port: u16) -> Result<(), String> {
-        let response =
-            self.http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.map_err(|e| e.to_string())?;
-        let ok = response.status() == 200;
-        let text = response.text().await.unwrap_or_default();
-        if ok { Ok(()) } else { Err(text) }
-    }
-
-    async fn wait_ready(&self, port: u16) {
-        poll::until("the service to be ready", ARRIVAL, || async { self.ready(port).await.ok() }).await;
-    }
-
-    /// A burst of `n` in the background; returns its progress counter.
-    fn burst(&self, n: usize) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Sent>) {
-        let progress = Arc::new(AtomicUsize::new(0));
-        let (http, url, user, counter) =
-            (self.http.clone(), self.url(), self.sender.jid.clone(), Arc::clone(&progress));
-        let task = tokio::spawn(async move { load::burst(&http, &url, &user, HTTP_PASSWORD, n, 32, counter).await });
-        (progress, task)
-    }
-
-    async fn wait_progress(progress: &AtomicUsize, at_least: usize) {
-        poll::until(&format!("{at_least} messages accepted"), Duration::from_secs(120), || async {
-            (progress.load(Ordering::SeqCst) >= at_least).then_some(())
-        })
-        .await;
-    }
-
-    /// The recipient's client, then both services, ready to take posts.
-    async fn start_services(&self) -> (Receiver, Service, Service) {
-        let rx = Receiver::connect(&self.prosody, &self.recipient).await;
-        let (ingress, relay) = (self.spawn_ingress(), self.spawn_relay());
-        self.wait_ready(self.env.ingress_admin_port).await;
-        (rx, ingress, relay)
-    }
-
-    /// Stops both services with SIGTERM (each must exit 0) and deletes the
-    /// test's queues.
-    async fn stop(self, ingress: Service, relay: Service) {
-        assert!(relay.terminate(ARRIVAL).await, "relay exits 0 on SIGTERM");
-        assert!(ingress.terminate(ARRIVAL).await, "ingress exits 0 on SIGTERM");
-        self.broker.cleanup(&retry_delays()).await;
-    }
-}
-
-fn report(fault: &str, tally: &Tally) {
-    // Collected for the README's table: cargo nextest run … --no-capture.
-    println!("{}", tally.report(fault));
-    assert!(tally.altered.is_empty(), "{fault}: messages arrived altered: {tally:#?}");
-    assert_eq!(tally.lost, 0, "{fault}: messages lost: {tally:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -84,7 +84,7 @@ fn check(
     prop_assert_eq!(&decoded, &job);
 
     // Into a stanza, onto the wire, and back.
-    let xml = String::from(&Element::from(herald_relay::stanza::message(&job)));
+    let xml = String::from(&Element::from(herald_relay::xmpp::stanza::message(&job)));
     let element: Element = xml.parse().map_err(|e| TestCaseError::fail(format!("not well-formed ({e}): {xml}")))?;
     let wire_type = element.attr("type").unwrap_or("normal").to_owned();
     let back = Message::try_from(element).map_err(|e| TestCaseError::fail(format!("not a message ({e:?}): {xml}")))?;

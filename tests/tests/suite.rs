@@ -25,4 +25,5 @@ mod policy;
 mod properties;
 mod recipients;
 mod rooms;
+mod settlement;
 mod tls;

@@ -33,7 +33,7 @@ pub async fn measure(url: &str, payload: &[u8], channels: usize, in_flight: usiz
     let connection = herald_shared::amqp::connect(url, "herald-bench publisher").await.expect("connect to the broker");
     let topology = Topology::new(format!("herald-bench-{}", uuid::Uuid::new_v4().simple()));
     let setup = connection.create_channel().await.expect("open a channel");
-    topology.declare(&setup, &[]).await.expect("declare the throwaway topology");
+    topology.declare(&connection, &setup, &[]).await.expect("declare the throwaway topology");
     let mut confirm_channels = Vec::with_capacity(channels);
     for _ in 0..channels {
         confirm_channels.push(confirm_channel(&connection).await);

@@ -8,7 +8,7 @@
 use crate::arrivals::Arrivals;
 use crate::stats::Percentiles;
 use futures::StreamExt;
-use herald_relay::login::{self, LoginState};
+use herald_relay::xmpp::login::{self, LoginState};
 use herald_tests::{Prosody, XmppAccount};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -136,7 +136,7 @@ fn messages(route: &Route<'_>, n: usize, tag: &str) -> (Vec<Message>, Vec<String
                 route.to,
                 crate::jobs::body(&format!("{tag} {i}"), route.body_bytes),
             );
-            herald_relay::stanza::message(&job)
+            herald_relay::xmpp::stanza::message(&job)
         })
         .collect();
     let ids = messages.iter().filter_map(|m| m.id.as_ref().map(|id| id.0.clone())).collect();
@@ -148,7 +148,7 @@ async fn connect(route: &Route<'_>, socket: Socket) -> StanzaStream {
     let mut stream = match socket {
         Socket::AsRelay => {
             let entry = route.prosody.accounts_entry(route.sender);
-            let account = herald_relay::accounts::parse(&entry).expect("accounts entry parses").remove(0);
+            let account = herald_relay::xmpp::accounts::parse(&entry).expect("accounts entry parses").remove(0);
             let (state, _) = tokio::sync::watch::channel(LoginState::Connecting);
             StanzaStream::new(login::connector(&account, state), QUEUE_DEPTH)
         }

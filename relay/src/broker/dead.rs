@@ -6,18 +6,23 @@
 //! only then removes it from the parking queue: a crash in between leaves a
 //! duplicate, never a loss.
 
-use crate::consumer::copy_properties;
-use crate::error::Error;
-use herald_shared::amqp::BrokerArgs;
-use herald_shared::amqp::{self, ConfirmChannel};
-use herald_shared::topology::{WORK_ROUTING_KEY, headers};
-use herald_shared::{Job, Topology};
-use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel};
-use serde::Serialize;
 use std::io::Write;
+
+use herald_shared::{
+    Job, Topology,
+    amqp::{self, BrokerArgs, ConfirmChannel},
+    topology::{WORK_ROUTING_KEY, headers},
+};
+use lapin::{
+    Channel,
+    message::BasicGetMessage,
+    options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use serde::Serialize;
+
+use super::properties::{self, as_text, as_u64, header};
+use crate::error::Error;
 
 /// One parked job as `dead list` prints it.
 #[derive(Debug, Serialize)]
@@ -88,7 +93,7 @@ pub async fn replay(broker: &BrokerArgs, ids: &[String]) -> Result<usize, Error>
         if !wanted {
             continue;
         }
-        let properties = fresh_properties(&message.delivery.properties);
+        let properties = properties::replayed(&message.delivery.properties);
         publisher
             .publish(&topology.exchange(), WORK_ROUTING_KEY, &message.delivery.data, properties)
             .await
@@ -106,47 +111,4 @@ pub async fn replay(broker: &BrokerArgs, ids: &[String]) -> Result<usize, Error>
 
 async fn get(channel: &Channel, topology: &Topology) -> Result<Option<BasicGetMessage>, Error> {
     Ok(channel.basic_get(topology.dead_queue().as_str().into(), BasicGetOptions { no_ack: false }).await?)
-}
-
-/// The parked job's properties without the attempt count, reason and the
-/// broker's death records: a replayed job starts its schedule afresh.
-fn fresh_properties(p: &BasicProperties) -> BasicProperties {
-    let mut table = FieldTable::default();
-    if let Some(h) = p.headers() {
-        for (k, v) in h.inner() {
-            let k = k.as_str();
-            if !k.starts_with("x-herald-")
-                && !k.starts_with("x-death")
-                && !k.starts_with("x-first-death")
-                && !k.starts_with("x-last-death")
-            {
-                table.insert(k.into(), v.clone());
-            }
-        }
-    }
-    table.insert("x-herald-replayed-at".into(), AMQPValue::Timestamp(herald_shared::job::now_ms()));
-    copy_properties(p).with_headers(table)
-}
-
-fn header(p: &BasicProperties, name: &str) -> Option<AMQPValue> {
-    p.headers().as_ref().and_then(|h| h.inner().get(&ShortString::from(name)).cloned())
-}
-
-fn as_u64(v: AMQPValue) -> Option<u64> {
-    match v {
-        AMQPValue::LongUInt(v) => Some(u64::from(v)),
-        AMQPValue::LongInt(v) => u64::try_from(v).ok(),
-        AMQPValue::LongLongInt(v) => u64::try_from(v).ok(),
-        AMQPValue::Timestamp(v) => Some(v),
-        AMQPValue::ShortUInt(v) => Some(u64::from(v)),
-        _ => None,
-    }
-}
-
-fn as_text(v: AMQPValue) -> Option<String> {
-    match v {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
 }

@@ -7,7 +7,7 @@
 //! password" from "server unreachable", say so once in one clear log line,
 //! and report the relay not ready.
 
-use crate::accounts::{Account, Tls};
+use super::accounts::{Account, Tls};
 use std::borrow::Cow;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};

@@ -9,70 +9,95 @@
 //! offers no stream management, an iq ping sent right after the stanza and
 //! answered proves the server read it, because a stream is ordered.
 //!
-//! A `groupchat` message goes to a room the session has joined (XEP-0045,
-//! as the account's nick, no history): the first one for a room joins it and
-//! waits for the room's self-presence; a room that refuses the join fails
-//! the waiting jobs with its error condition. Rooms are joined again after
-//! every new stream (a resumed stream keeps them).
+//! The task never waits on the stream's bounded transmit queue: every
+//! stanza goes through the session's own outbox, which is handed to the
+//! stream only as far as the stream takes it without waiting, while the
+//! task keeps reading the stream's events. A stream that takes nothing for
+//! [`ENQUEUE_TIMEOUT`] (the server stopped reading) fails the outbox's jobs
+//! as transient and reports the session stalled; a job that gets no
+//! acknowledgement within the ack timeout does too. Either makes `/readyz`
+//! say so, as does a task that stopped turning.
 
-use crate::accounts::Account;
-use crate::error::DeliveryError;
-use crate::login::{self, LoginState};
-use crate::metrics::Metrics;
-use crate::stanza;
-use futures::StreamExt;
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{FutureExt, StreamExt};
 use herald_shared::Sender;
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
-use tokio_xmpp::Stanza;
-use tokio_xmpp::parsers::iq::Iq;
-use tokio_xmpp::parsers::jid::{BareJid, Jid};
-use tokio_xmpp::parsers::message::{Message, MessageType};
-use tokio_xmpp::parsers::muc::Muc;
-use tokio_xmpp::parsers::muc::muc::History;
-use tokio_xmpp::parsers::muc::user::{MucUser, Status};
-use tokio_xmpp::parsers::ping::Ping;
-use tokio_xmpp::parsers::presence::{Presence, Type as PresenceType};
-use tokio_xmpp::parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
-use tokio_xmpp::stanzastream::{Event, StanzaStage, StanzaState, StanzaStream, StanzaToken, StreamEvent};
+use tokio_xmpp::{
+    Stanza,
+    parsers::{
+        iq::Iq,
+        jid::Jid,
+        message::{Message, MessageType},
+        ping::Ping,
+        presence::Presence,
+        stanza_error::{DefinedCondition, ErrorType, StanzaError},
+    },
+    stanzastream::{Event, StanzaStage, StanzaState, StanzaStream, StanzaToken, StreamEvent},
+};
+
+use super::{
+    accounts::Account,
+    login::{self, LoginState},
+    rooms::{Joined, Rooms, Wait},
+    stanza,
+};
+use crate::{error::DeliveryError, metrics::Metrics};
 
 /// Stanzas queued inside tokio-xmpp per session, each way.
 const STREAM_QUEUE_DEPTH: usize = 1024;
 /// Jobs waiting for the session task.
 const JOB_QUEUE_DEPTH: usize = 1024;
-/// How long enqueueing one stanza may block (a full transmit queue).
-const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Stanzas the session holds for a stream that does not take them; beyond
+/// this it takes no new jobs (they wait in the job queue, bounded in time).
+const OUTBOX_LIMIT: usize = 1024;
+/// How long a stanza may wait for the stream to take it, and a job for the
+/// session to take it.
+pub const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the task offers a waiting outbox to the stream again.
+const OUTBOX_RETRY: Duration = Duration::from_millis(20);
+/// How often the task proves it is turning.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A task whose last turn is older than this is reported as not responding.
+const LIVENESS: Duration = Duration::from_secs(5);
 /// How long closing a stream cleanly may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-struct Outgoing {
-    message: Message,
+/// A job's message on its way into the session.
+pub(super) struct Outgoing {
+    pub(super) message: Message,
     /// Answered once the stanza is on its way (or could not be): the job's
     /// own task then waits for the server's acknowledgement, so the session
     /// spawns nothing per message.
-    reply: oneshot::Sender<Result<InFlight, DeliveryError>>,
+    pub(super) reply: oneshot::Sender<Result<InFlight, DeliveryError>>,
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing").field("id", &self.message.id).finish()
+    }
 }
 
 /// A stanza handed to the stream: its progress token and, without stream
 /// management, the ping that proves the server read it.
-struct InFlight {
+pub(super) struct InFlight {
     token: StanzaToken,
     ping: Option<oneshot::Receiver<()>>,
 }
 
-/// A group chat room this session sends to.
-enum Room {
-    /// Join presence sent; these jobs wait for the room's answer.
-    Joining(Vec<Outgoing>),
-    Joined,
-}
-
-/// An error stanza the server sent back for a message it had already
-/// acknowledged: the recipient's server or the recipient refused it.
+/// An error stanza sent back for a message: the recipient's server or the
+/// recipient refused it, or someone claims so.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bounce {
     /// The stanza id, which is the job id.
@@ -81,6 +106,7 @@ pub struct Bounce {
     pub condition: String,
     /// The error type: `cancel`, `wait`, `modify`, `auth` or `continue`.
     pub kind: String,
+    /// Who sent the error.
     pub from: String,
 }
 
@@ -89,6 +115,27 @@ impl Bounce {
     /// itself.
     pub fn is_transient(&self) -> bool {
         self.kind == "wait"
+    }
+}
+
+/// What the session task reports about itself, for `/readyz`.
+#[derive(Debug)]
+struct Health {
+    /// When the task last turned.
+    last_turn: Mutex<Instant>,
+    /// The stream has taken nothing for `ENQUEUE_TIMEOUT`.
+    outbox_stuck: AtomicBool,
+    /// The last job waited out its ack timeout (cleared by the next ack).
+    ack_overdue: AtomicBool,
+}
+
+impl Health {
+    fn turned(&self) {
+        *self.last_turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+    }
+
+    fn since_last_turn(&self) -> Duration {
+        self.last_turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elapsed()
     }
 }
 
@@ -102,12 +149,7 @@ pub struct SessionHandle {
     jobs: mpsc::Sender<Outgoing>,
     online: watch::Receiver<bool>,
     login: watch::Receiver<LoginState>,
-}
-
-impl std::fmt::Debug for Outgoing {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outgoing").field("id", &self.message.id).finish()
-    }
+    health: Arc<Health>,
 }
 
 impl SessionHandle {
@@ -119,31 +161,42 @@ impl SessionHandle {
         *self.online.borrow()
     }
 
-    /// Why the session is not online, if it is not.
-    pub fn offline_reason(&self) -> Option<String> {
-        if self.is_online() {
-            return None;
+    /// Why the session cannot deliver now, if it cannot: its task stopped
+    /// turning, it is offline, or its server stopped taking or acking
+    /// stanzas.
+    pub fn problem(&self) -> Option<String> {
+        let quiet = self.health.since_last_turn();
+        if quiet > LIVENESS {
+            return Some(format!("session task not responding for {}s", quiet.as_secs()));
         }
-        Some(match &*self.login.borrow() {
+        if !self.is_online() {
+            return Some(self.offline_reason());
+        }
+        if self.health.outbox_stuck.load(Ordering::Relaxed) {
+            return Some(format!("the XMPP server has taken no stanza for {}s", ENQUEUE_TIMEOUT.as_secs()));
+        }
+        if self.health.ack_overdue.load(Ordering::Relaxed) {
+            return Some(format!("the XMPP server acknowledged nothing within {:?}", self.ack_timeout));
+        }
+        None
+    }
+
+    fn offline_reason(&self) -> String {
+        match &*self.login.borrow() {
             LoginState::Connecting => "connecting".to_owned(),
             LoginState::LoggedIn => "binding a resource".to_owned(),
             LoginState::Rejected(why) => format!("login rejected: {why}"),
             LoginState::Unreachable(why) => format!("server unreachable: {why}"),
-        })
+        }
     }
 
     /// Sends a message and resolves once the server acknowledged it.
     /// Waits up to `online_timeout` for the session to be online first,
     /// unless the server has refused the login, which will not change by
-    /// waiting.
+    /// waiting. Every stage has a deadline.
     pub async fn deliver(&self, message: Message, online_timeout: Duration) -> Result<(), DeliveryError> {
-        let offline = || {
-            DeliveryError::SenderOffline(format!(
-                "XMPP session of {} is {}",
-                self.jid,
-                self.offline_reason().unwrap_or_else(|| "closed".into())
-            ))
-        };
+        let offline =
+            || DeliveryError::SenderOffline(format!("XMPP session of {} is {}", self.jid, self.offline_reason()));
         if matches!(*self.login.borrow(), LoginState::Rejected(_)) && !self.is_online() {
             return Err(offline());
         }
@@ -152,7 +205,16 @@ impl SessionHandle {
             return Err(offline());
         }
         let (reply, sent) = oneshot::channel();
-        self.jobs.send(Outgoing { message, reply }).await.map_err(|_| offline())?;
+        match tokio::time::timeout(ENQUEUE_TIMEOUT, self.jobs.send(Outgoing { message, reply })).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(offline()),
+            Err(_) => {
+                return Err(DeliveryError::Transient(format!(
+                    "the XMPP session of {} took no job within {ENQUEUE_TIMEOUT:?}",
+                    self.jid
+                )));
+            }
+        }
         // Both stages are bounded: a job may wait for a room join before it
         // goes out, then for the server's acknowledgement.
         let in_flight = match tokio::time::timeout(self.ack_timeout, sent).await {
@@ -167,18 +229,38 @@ impl SessionHandle {
                 )));
             }
         };
-        tokio::time::timeout(self.ack_timeout, confirmed(in_flight)).await.unwrap_or_else(|_| {
-            Err(DeliveryError::Transient(format!("no acknowledgement within {:?}", self.ack_timeout)))
-        })
+        let outcome = tokio::time::timeout(self.ack_timeout, confirmed(in_flight)).await;
+        match outcome {
+            Ok(result) => {
+                if result.is_ok() {
+                    self.health.ack_overdue.store(false, Ordering::Relaxed);
+                }
+                result
+            }
+            Err(_) => {
+                self.health.ack_overdue.store(true, Ordering::Relaxed);
+                Err(DeliveryError::Transient(format!("no acknowledgement within {:?}", self.ack_timeout)))
+            }
+        }
     }
 }
 
+/// What a session needs besides its account.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub ack_timeout: Duration,
+    /// Appended to the nick (`nick-suffix`) when a room says the nick is
+    /// taken, e.g. by another relay replica on a server without
+    /// multi-session nicks.
+    pub nick_suffix: String,
+}
+
 /// Starts the session task for `account`. It runs until `shutdown` is
-/// cancelled, then closes the stream cleanly. Error stanzas bounced for
-/// messages the server had acknowledged are reported on `bounces`.
+/// cancelled, then closes the stream cleanly. Error stanzas that come back
+/// for sent messages are reported on `bounces`.
 pub fn spawn(
     account: Account,
-    ack_timeout: Duration,
+    settings: &SessionSettings,
     bounces: mpsc::UnboundedSender<Bounce>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -186,29 +268,61 @@ pub fn spawn(
     let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE_DEPTH);
     let (online_tx, online_rx) = watch::channel(false);
     let (login_tx, login_rx) = watch::channel(LoginState::Connecting);
+    let health = Arc::new(Health {
+        last_turn: Mutex::new(Instant::now()),
+        outbox_stuck: AtomicBool::new(false),
+        ack_overdue: AtomicBool::new(false),
+    });
     let handle = SessionHandle {
         jid: account.jid.clone(),
-        ack_timeout,
+        ack_timeout: settings.ack_timeout,
         jobs: jobs_tx,
         online: online_rx,
         login: login_rx.clone(),
+        health: Arc::clone(&health),
     };
     let session = Session {
         stream: StanzaStream::new(login::connector(&account, login_tx.clone()), STREAM_QUEUE_DEPTH),
         login_tx,
         lost_in_a_row: 0,
+        rooms: Rooms::new(account.nick.clone(), settings.nick_suffix.clone()),
         account,
         online: online_tx,
         login: login_rx,
         reported_login: None,
         bounces,
         metrics,
+        health,
         stream_management: false,
         pings: HashMap::new(),
-        rooms: HashMap::new(),
+        outbox: VecDeque::new(),
     };
     let task = tokio::spawn(session.run(jobs_rx, shutdown));
     (handle, task)
+}
+
+/// A stanza waiting for the stream to take it.
+struct Queued {
+    stanza: Out,
+    since: Instant,
+}
+
+/// What the outbox holds: stanzas are not `Clone`, their kinds are.
+enum Out {
+    /// A job's message, answered on `reply` once the stream took it.
+    Job(Message, oneshot::Sender<Result<InFlight, DeliveryError>>),
+    Iq(Iq),
+    Presence(Presence),
+}
+
+impl Out {
+    fn stanza(&self) -> Stanza {
+        match self {
+            Out::Job(message, _) => message.clone().into(),
+            Out::Iq(iq) => iq.clone().into(),
+            Out::Presence(presence) => presence.clone().into(),
+        }
+    }
 }
 
 struct Session {
@@ -220,11 +334,13 @@ struct Session {
     reported_login: Option<LoginState>,
     bounces: mpsc::UnboundedSender<Bounce>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     /// Whether the current stream negotiated XEP-0198.
     stream_management: bool,
     /// Without stream management: pings in flight, by iq id.
     pings: HashMap<String, oneshot::Sender<()>>,
-    rooms: HashMap<BareJid, Room>,
+    rooms: Rooms,
+    outbox: VecDeque<Queued>,
     /// For a fresh stream (see `on_lost`).
     login_tx: watch::Sender<LoginState>,
     /// Connections lost since the last one that got a session going.
@@ -234,7 +350,11 @@ struct Session {
 impl Session {
     async fn run(mut self, mut jobs: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
         tracing::info!(account = %self.account.jid, "XMPP session starting");
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
         loop {
+            self.health.turned();
+            self.flush_outbox();
+            let waiting = !self.outbox.is_empty();
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 event = self.stream.next() => match event {
@@ -244,8 +364,10 @@ impl Session {
                         break;
                     }
                 },
-                Some(job) = jobs.recv() => self.send(job).await,
+                Some(job) = jobs.recv(), if self.outbox.len() < OUTBOX_LIMIT => self.send(job),
                 Ok(()) = self.login.changed() => self.on_login(),
+                _ = heartbeat.tick() => {}
+                () = tokio::time::sleep(OUTBOX_RETRY), if waiting => {}
             }
         }
         self.set_online(false);
@@ -253,6 +375,43 @@ impl Session {
             tracing::warn!(account = %self.account.jid, "XMPP stream did not close in time");
         }
         tracing::info!(account = %self.account.jid, "XMPP session closed");
+    }
+
+    /// Hands the outbox to the stream as far as it takes stanzas without
+    /// waiting. A head that waited past `ENQUEUE_TIMEOUT` fails the whole
+    /// outbox: its jobs are retried later, on this stream or another.
+    fn flush_outbox(&mut self) {
+        while let Some(head) = self.outbox.front() {
+            let Some(token) = self.stream.send(Box::new(head.stanza.stanza())).now_or_never() else {
+                if head.since.elapsed() >= ENQUEUE_TIMEOUT {
+                    self.fail_outbox();
+                }
+                return;
+            };
+            self.health.outbox_stuck.store(false, Ordering::Relaxed);
+            if let Some(Queued { stanza: Out::Job(_, reply), .. }) = self.outbox.pop_front() {
+                let ping = (!self.stream_management).then(|| self.queue_ping());
+                let _ = reply.send(Ok(InFlight { token, ping }));
+            }
+        }
+    }
+
+    fn fail_outbox(&mut self) {
+        tracing::warn!(
+            account = %self.account.jid,
+            waiting = self.outbox.len(),
+            "the XMPP server has taken no stanza for {ENQUEUE_TIMEOUT:?}; failing the waiting jobs for a retry"
+        );
+        self.health.outbox_stuck.store(true, Ordering::Relaxed);
+        for queued in self.outbox.drain(..) {
+            if let Out::Job(_, reply) = queued.stanza {
+                let _ = reply.send(Err(DeliveryError::Transient("the XMPP server is not taking stanzas".into())));
+            }
+        }
+    }
+
+    fn queue(&mut self, stanza: Out) {
+        self.outbox.push_back(Queued { stanza, since: Instant::now() });
     }
 
     fn set_online(&self, online: bool) {
@@ -295,17 +454,14 @@ impl Session {
             Event::Stream(StreamEvent::Reset { bound_jid, features }) => {
                 self.lost_in_a_row = 0;
                 self.stream_management = features.stream_management.is_some();
-                // Pings sent on the old stream will never be answered.
+                // Pings sent on the old stream will never be answered, and
+                // what waited in the outbox was for the old stream.
                 self.pings.clear();
                 tracing::info!(account = %self.account.jid, %bound_jid, stream_management = self.stream_management, "XMPP session online");
                 self.set_online(true);
                 // A new stream is a new session: no room knows us any more.
-                let rooms: Vec<BareJid> = self.rooms.keys().cloned().collect();
-                for room in rooms {
-                    if let Some(Room::Joined) = self.rooms.get(&room) {
-                        self.rooms.insert(room.clone(), Room::Joining(Vec::new()));
-                    }
-                    self.join(&room).await;
+                for join in self.rooms.rejoin_all() {
+                    self.queue(Out::Presence(join));
                 }
             }
             Event::Stream(StreamEvent::Resumed) => {
@@ -318,11 +474,11 @@ impl Session {
                 self.set_online(false);
                 self.on_lost().await;
             }
-            Event::Stanza(stanza) => self.on_stanza(stanza).await,
+            Event::Stanza(stanza) => self.on_stanza(stanza),
         }
     }
 
-    async fn on_stanza(&mut self, stanza: Stanza) {
+    fn on_stanza(&mut self, stanza: Stanza) {
         match stanza {
             Stanza::Iq(iq) => match iq {
                 Iq::Result { id, .. } | Iq::Error { id, .. } => {
@@ -337,11 +493,11 @@ impl Session {
                     if let Some(from) = from {
                         reply = reply.with_to(from);
                     }
-                    drop(self.stream.send(Box::new(reply.into())).await);
+                    self.queue(Out::Iq(reply));
                 }
             },
             Stanza::Message(message) if message.type_ == MessageType::Error => self.on_bounce(&message),
-            Stanza::Presence(presence) => self.on_presence(presence).await,
+            Stanza::Presence(presence) => self.on_presence(&presence),
             _ => {}
         }
     }
@@ -368,69 +524,32 @@ impl Session {
     }
 
     /// A room's answer to a join, or news that we left it.
-    async fn on_presence(&mut self, presence: Presence) {
-        let Some(from) = presence.from.clone() else { return };
-        let room = from.to_bare();
-        if !self.rooms.contains_key(&room) {
-            return;
-        }
-        let own = from.resource().is_some_and(|r| r.as_str() == self.account.nick)
-            || presence
-                .payloads
-                .iter()
-                .filter_map(|p| MucUser::try_from(p.clone()).ok())
-                .any(|u| u.status.contains(&Status::SelfPresence));
-        match presence.type_ {
-            PresenceType::Error => {
-                let (kind, condition) = stanza::error_in(&presence.payloads);
-                tracing::info!(account = %self.account.jid, %room, %condition, %kind, "the room refused the join");
-                let reason = format!("room {room} refused the join: {condition} ({kind})");
-                let error =
-                    if kind == "wait" { DeliveryError::Transient(reason) } else { DeliveryError::Permanent(reason) };
-                self.leave_failing(&room, &error);
-            }
-            PresenceType::Unavailable if own => {
-                tracing::info!(account = %self.account.jid, %room, "no longer in the room; will join again for its next message");
-                self.rooms.remove(&room);
-            }
-            PresenceType::None if own => {
-                if let Some(Room::Joining(waiting)) = self.rooms.insert(room.clone(), Room::Joined) {
-                    tracing::info!(account = %self.account.jid, %room, nick = %self.account.nick, "joined the room");
-                    for job in waiting {
-                        // A job that gave up waiting has been retried already.
-                        if !job.reply.is_closed() {
-                            self.transmit(job).await;
-                        }
+    fn on_presence(&mut self, presence: &Presence) {
+        match self.rooms.on_presence(presence) {
+            Joined::NotARoom => {}
+            Joined::Ready(room, waiting) => {
+                tracing::info!(account = %self.account.jid, %room, "joined the room");
+                for job in waiting {
+                    // A job that gave up waiting has been retried already.
+                    if !job.reply.is_closed() {
+                        self.transmit(job);
                     }
                 }
             }
-            _ => {}
-        }
-    }
-
-    /// Forgets `room` and fails the jobs that waited for its join.
-    fn leave_failing(&mut self, room: &BareJid, error: &DeliveryError) {
-        if let Some(Room::Joining(waiting)) = self.rooms.remove(room) {
-            for job in waiting {
-                let _ = job.reply.send(Err(error.clone()));
+            Joined::TryAnotherNick(join) => {
+                tracing::info!(account = %self.account.jid, room = ?join.to, "the nick is taken in the room; joining with this relay's suffix");
+                self.queue(Out::Presence(join));
+            }
+            Joined::Refused(room, waiting, error) => {
+                tracing::info!(account = %self.account.jid, %room, %error, "the room refused the join");
+                for job in waiting {
+                    let _ = job.reply.send(Err(error.clone()));
+                }
+            }
+            Joined::Left(room) => {
+                tracing::info!(account = %self.account.jid, %room, "no longer in the room; will join again for its next message");
             }
         }
-    }
-
-    /// Sends the join presence for `room`: our nick, no history.
-    async fn join(&mut self, room: &BareJid) {
-        let occupant = match room.with_resource_str(&self.account.nick) {
-            Ok(occupant) => occupant,
-            Err(e) => {
-                let error =
-                    DeliveryError::Permanent(format!("nick {:?} is not valid in room {room}: {e}", self.account.nick));
-                self.leave_failing(room, &error);
-                return;
-            }
-        };
-        let mut presence = Presence::available().with_to(occupant);
-        presence.add_payload(Muc::new().with_history(History::new().with_maxstanzas(0)));
-        drop(self.stream.send(Box::new(presence.into())).await);
     }
 
     fn on_bounce(&self, message: &Message) {
@@ -441,57 +560,40 @@ impl Session {
             kind,
             from: message.from.as_ref().map(ToString::to_string).unwrap_or_default(),
         };
-        tracing::info!(account = %self.account.jid, id = %bounce.id, from = %bounce.from, condition = %bounce.condition, kind = %bounce.kind, "the XMPP server bounced a message");
+        tracing::info!(account = %self.account.jid, id = %bounce.id, from = %bounce.from, condition = %bounce.condition, kind = %bounce.kind, "an error came back for a message");
         let _ = self.bounces.send(bounce);
     }
 
     /// Sends a job's message, joining its room first if it is for a room.
-    async fn send(&mut self, job: Outgoing) {
+    fn send(&mut self, job: Outgoing) {
         if job.message.type_ == MessageType::Groupchat
             && let Some(room) = job.message.to.as_ref().map(Jid::to_bare)
         {
-            match self.rooms.get_mut(&room) {
-                Some(Room::Joined) => {}
-                Some(Room::Joining(waiting)) => {
-                    // Jobs whose own wait ended (ack timeout) are gone: keep
-                    // only the live ones. If none was left, the room has
-                    // not answered for that long: ask again.
-                    let before = waiting.len();
-                    waiting.retain(|w| !w.reply.is_closed());
-                    let unanswered = before > 0 && waiting.is_empty();
-                    waiting.push(job);
-                    if unanswered {
-                        tracing::info!(account = %self.account.jid, %room, "no answer to the room join; joining again");
-                        self.join(&room).await;
-                    }
-                    return;
-                }
-                None => {
-                    self.rooms.insert(room.clone(), Room::Joining(vec![job]));
-                    return self.join(&room).await;
-                }
+            match self.rooms.wait_for(&room, job) {
+                Wait::SendNow(job) => self.transmit(job),
+                Wait::Queued(None) => {}
+                Wait::Queued(Some(join)) => self.queue(Out::Presence(join)),
+                Wait::Refused(job, error) => drop(job.reply.send(Err(error))),
             }
-        }
-        self.transmit(job).await;
-    }
-
-    async fn transmit(&mut self, job: Outgoing) {
-        let Outgoing { message, reply } = job;
-        let enqueue = self.stream.send(Box::new(message.into()));
-        let Ok(token) = tokio::time::timeout(ENQUEUE_TIMEOUT, enqueue).await else {
-            let _ = reply.send(Err(DeliveryError::Transient("XMPP transmit queue is full".into())));
             return;
-        };
-        let ping = if self.stream_management { None } else { Some(self.send_ping().await) };
-        let _ = reply.send(Ok(InFlight { token, ping }));
+        }
+        self.transmit(job);
     }
 
-    async fn send_ping(&mut self) -> oneshot::Receiver<()> {
+    fn transmit(&mut self, job: Outgoing) {
+        let Outgoing { message, reply } = job;
+        self.queue(Out::Job(message, reply));
+    }
+
+    /// Queues a ping to the server right behind the message just handed to
+    /// the stream, and returns the receiver its answer wakes.
+    fn queue_ping(&mut self) -> oneshot::Receiver<()> {
         let id = format!("herald-ping-{}", uuid::Uuid::new_v4());
         let (tx, rx) = oneshot::channel();
         self.pings.insert(id.clone(), tx);
         let ping = Iq::from_get(id, Ping).with_to(Jid::from(self.account.jid.jid().domain().to_owned()));
-        drop(self.stream.send(Box::new(ping.into())).await);
+        // Right behind the message, ahead of anything queued later.
+        self.outbox.push_front(Queued { stanza: Out::Iq(ping), since: Instant::now() });
         rx
     }
 }

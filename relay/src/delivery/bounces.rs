@@ -4,11 +4,22 @@
 //!
 //! A bounce can arrive before the ack that settles the job, or after it, so
 //! each id is tracked from the moment its stanza is sent.
+//!
+//! A bounce is believed only from the job's recipient: the JID the message
+//! was sent to, exactly (an error from a bare JID is the recipient's server
+//! answering for it; one from a full JID the message was not sent to is a
+//! client that received it), or the recipient's domain (its server). Anyone
+//! else who sends an error with a job's id changes nothing.
 
-use crate::session::Bounce;
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+};
+
+use tokio_xmpp::parsers::jid::Jid;
 use uuid::Uuid;
+
+use crate::xmpp::Bounce;
 
 /// How many settled jobs are remembered. A bounce from the local server
 /// follows its message within milliseconds, one through s2s within
@@ -22,6 +33,8 @@ pub const MAX_BYTES: usize = 16 * 1024 * 1024;
 /// A job that was delivered and then bounced: what is needed to republish it.
 #[derive(Debug, Clone)]
 pub struct Delivered {
+    /// Where the message went.
+    pub to: Jid,
     pub data: Box<[u8]>,
     /// Delivery attempts before this one.
     pub attempts: u32,
@@ -31,12 +44,12 @@ pub struct Delivered {
 
 #[derive(Debug)]
 enum Slot {
-    InFlight { bounce: Option<Box<Bounce>> },
+    InFlight { to: Jid, bounce: Option<Box<Bounce>> },
     Delivered(Box<Delivered>),
 }
 
 #[derive(Debug, Default)]
-pub struct Recent {
+pub struct Bounces {
     inner: Mutex<Inner>,
 }
 
@@ -69,15 +82,15 @@ impl Inner {
     }
 }
 
-impl Recent {
+impl Bounces {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding this lock leaves consistent data behind.
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The stanza for `id` is about to be sent.
-    pub fn begin(&self, id: Uuid) {
-        self.lock().insert(id, Slot::InFlight { bounce: None });
+    pub fn begin(&self, id: Uuid, to: Jid) {
+        self.lock().insert(id, Slot::InFlight { to, bounce: None });
     }
 
     /// The attempt failed: nothing to remember.
@@ -89,7 +102,7 @@ impl Recent {
     /// arrived for it, if any; otherwise remembers the job for later ones.
     pub fn delivered(&self, id: Uuid, job: Delivered) -> Option<Bounce> {
         let mut inner = self.lock();
-        if let Some(Slot::InFlight { bounce: Some(bounce) }) = inner.remove(&id) {
+        if let Some(Slot::InFlight { bounce: Some(bounce), .. }) = inner.remove(&id) {
             return Some(*bounce);
         }
         inner.insert(id, Slot::Delivered(Box::new(job)));
@@ -106,12 +119,21 @@ impl Recent {
     /// A bounce arrived. Returns the job if it was already settled (the
     /// caller parks or retries it); records the bounce if the job is still
     /// in flight; `Unknown` for ids it does not know (or that are not job
-    /// ids at all).
+    /// ids at all); `NotFromRecipient` for a bounce from anyone but the
+    /// job's recipient, which changes nothing.
     pub fn bounced(&self, bounce: &Bounce) -> Lookup {
         let Ok(id) = Uuid::parse_str(&bounce.id) else { return Lookup::Unknown };
         let mut inner = self.lock();
+        let to = match inner.slots.get(&id) {
+            Some(Slot::InFlight { to, .. }) => to,
+            Some(Slot::Delivered(job)) => &job.to,
+            None => return Lookup::Unknown,
+        };
+        if !from_recipient(&bounce.from, to) {
+            return Lookup::NotFromRecipient;
+        }
         match inner.slots.get_mut(&id) {
-            Some(Slot::InFlight { bounce: slot }) => {
+            Some(Slot::InFlight { bounce: slot, .. }) => {
                 *slot = Some(Box::new(bounce.clone()));
                 Lookup::InFlight
             }
@@ -129,6 +151,14 @@ pub enum Lookup {
     Delivered(Box<Delivered>),
     InFlight,
     Unknown,
+    NotFromRecipient,
+}
+
+/// Whether an error from `from` can speak for a message sent to `to`: it
+/// comes from `to` itself or from `to`'s server.
+fn from_recipient(from: &str, to: &Jid) -> bool {
+    let Ok(from) = Jid::new(from) else { return false };
+    from == *to || (from.node().is_none() && from.resource().is_none() && from.domain() == to.domain())
 }
 
 #[cfg(test)]
@@ -148,14 +178,34 @@ mod tests {
         }
     }
 
+    fn to() -> Jid {
+        Jid::new("x@y").expect("jid")
+    }
+
     fn job() -> Delivered {
-        Delivered { data: b"{}".to_vec().into(), attempts: 0, timestamp: None }
+        Delivered { to: to(), data: b"{}".to_vec().into(), attempts: 0, timestamp: None }
+    }
+
+    #[test]
+    fn only_the_recipient_or_its_server_can_bounce() {
+        let recent = Bounces::default();
+        recent.begin(id(0), to());
+        assert_eq!(recent.delivered(id(0), job()), None);
+        for forged in ["x@y/phone", "z@y", "x@other", "other", ""] {
+            let bounce = Bounce { from: forged.into(), ..bounce(0) };
+            assert!(matches!(recent.bounced(&bounce), Lookup::NotFromRecipient), "{forged}");
+        }
+        let from_server = Bounce { from: "y".into(), ..bounce(0) };
+        assert!(matches!(recent.bounced(&from_server), Lookup::Delivered(_)));
+        recent.begin(id(1), Jid::new("x@y/desk").expect("jid"));
+        let from_full = Bounce { from: "x@y/desk".into(), ..bounce(1) };
+        assert!(matches!(recent.bounced(&from_full), Lookup::InFlight), "sent to a full JID: its error counts");
     }
 
     #[test]
     fn a_bounce_before_the_ack_is_handed_to_the_ack() {
-        let recent = Recent::default();
-        recent.begin(id(0));
+        let recent = Bounces::default();
+        recent.begin(id(0), to());
         assert!(matches!(recent.bounced(&bounce(0)), Lookup::InFlight));
         assert_eq!(recent.delivered(id(0), job()), Some(bounce(0)));
         assert!(matches!(recent.bounced(&bounce(0)), Lookup::Unknown));
@@ -163,8 +213,8 @@ mod tests {
 
     #[test]
     fn a_bounce_after_the_ack_returns_the_job_once() {
-        let recent = Recent::default();
-        recent.begin(id(0));
+        let recent = Bounces::default();
+        recent.begin(id(0), to());
         assert_eq!(recent.delivered(id(0), job()), None);
         assert!(matches!(recent.bounced(&bounce(0)), Lookup::Delivered(_)));
         assert!(matches!(recent.bounced(&bounce(0)), Lookup::Unknown));
@@ -172,10 +222,10 @@ mod tests {
 
     #[test]
     fn large_jobs_are_forgotten_by_size() {
-        let recent = Recent::default();
-        let big = || Delivered { data: vec![b'x'; 1024 * 1024].into(), attempts: 0, timestamp: None };
+        let recent = Bounces::default();
+        let big = || Delivered { to: to(), data: vec![b'x'; 1024 * 1024].into(), attempts: 0, timestamp: None };
         for i in 0..40 {
-            recent.begin(id(i));
+            recent.begin(id(i), to());
             recent.delivered(id(i), big());
         }
         assert!(recent.lock().bytes <= MAX_BYTES);
@@ -186,9 +236,9 @@ mod tests {
 
     #[test]
     fn old_jobs_are_forgotten() {
-        let recent = Recent::default();
+        let recent = Bounces::default();
         for i in 0..=CAPACITY as u128 {
-            recent.begin(id(i));
+            recent.begin(id(i), to());
             recent.delivered(id(i), job());
         }
         assert!(matches!(recent.bounced(&bounce(0)), Lookup::Unknown));

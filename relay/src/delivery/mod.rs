@@ -1,0 +1,234 @@
+//! One job's delivery, without the broker: a job (its bytes and attempt
+//! count) in, one [`Settlement`] out. Here live the duplicate memory
+//! (`seen`), the retry policy (`retry`) and the matching of error stanzas
+//! to the jobs they bounce (`bounces`); the XMPP sessions are below, the
+//! broker above.
+
+mod bounces;
+pub mod retry;
+pub mod seen;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use herald_shared::{Job, Sender, job::now_ms};
+use tokio::{
+    sync::{Mutex, mpsc},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+use self::{
+    bounces::{Bounces, Delivered, Lookup},
+    retry::Policy,
+    seen::{Claimed, Seen},
+};
+use crate::{
+    error::DeliveryError,
+    metrics::{ConditionLabels, Metrics, Outcome},
+    xmpp::{self, Account, Bounce, SessionHandle, SessionSettings},
+};
+
+/// What becomes of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Delivered (the XMPP server acknowledged it), or a copy of a job
+    /// delivered already: ack it.
+    Ack,
+    /// Try again after `delay`, as attempt number `attempt`.
+    Retry { delay: Duration, attempt: u32, reason: String },
+    /// Park it in the dead queue for an operator.
+    Park { attempts: u32, reason: String },
+}
+
+/// A job as the broker hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    pub data: &'a [u8],
+    /// Attempts before this one (the `x-herald-attempt` header).
+    pub attempts: u32,
+    /// The AMQP timestamp of the original publish.
+    pub timestamp: Option<u64>,
+}
+
+/// A job the XMPP server had acknowledged, then bounced by its recipient
+/// (or the recipient's server): its new settlement, to carry out.
+#[derive(Debug)]
+pub struct Bounced {
+    pub id: String,
+    pub data: Box<[u8]>,
+    pub timestamp: Option<u64>,
+    pub settlement: Settlement,
+}
+
+/// Settings of the delivery stage.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub session: SessionSettings,
+    pub policy: Policy,
+    pub online_timeout: Duration,
+    pub max_stanza_bytes: usize,
+    pub idempotency_window: Duration,
+}
+
+#[derive(Debug)]
+pub struct Delivery {
+    sessions: HashMap<Sender, SessionHandle>,
+    policy: Policy,
+    online_timeout: Duration,
+    max_stanza_bytes: usize,
+    seen: Seen,
+    bounces: Bounces,
+    /// Error stanzas from every session.
+    bounced: Mutex<mpsc::UnboundedReceiver<Bounce>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Delivery {
+    /// Starts a session for each account; they run until `stop` is
+    /// cancelled. Returns the session tasks, to be awaited at shutdown.
+    pub fn start(
+        accounts: Vec<Account>,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        stop: &CancellationToken,
+    ) -> (Self, Vec<JoinHandle<()>>) {
+        let (bounces_tx, bounced) = mpsc::unbounded_channel();
+        let mut sessions = HashMap::new();
+        let mut tasks = Vec::new();
+        for account in accounts {
+            let (handle, task) = xmpp::session::spawn(
+                account,
+                &settings.session,
+                bounces_tx.clone(),
+                Arc::clone(&metrics),
+                stop.clone(),
+            );
+            sessions.insert(handle.jid().clone(), handle);
+            tasks.push(task);
+        }
+        let delivery = Self {
+            sessions,
+            policy: settings.policy,
+            online_timeout: settings.online_timeout,
+            max_stanza_bytes: settings.max_stanza_bytes,
+            seen: Seen::new(settings.idempotency_window),
+            bounces: Bounces::default(),
+            bounced: Mutex::new(bounced),
+            metrics,
+        };
+        (delivery, tasks)
+    }
+
+    /// What keeps the sessions from delivering, one entry per session.
+    pub fn problems(&self) -> Vec<String> {
+        self.sessions.values().filter_map(|s| s.problem().map(|why| format!("{}: {why}", s.jid()))).collect()
+    }
+
+    /// Delivers one job and says how to settle it.
+    pub async fn settle(&self, incoming: Incoming<'_>) -> Settlement {
+        let job = match Job::decode(incoming.data) {
+            Ok(job) => job,
+            Err(e) => {
+                let error = DeliveryError::Permanent(format!("cannot decode the job: {e}"));
+                return self.policy.after(&error, incoming.attempts, Duration::ZERO);
+            }
+        };
+        let Job::V1(v1) = &job;
+        let (id, to, accepted_at_ms) = (v1.id, v1.to.jid().clone(), v1.accepted_at_ms);
+        let claim = match self.seen.claim(id).await {
+            Claimed::New(claim) => claim,
+            Claimed::Delivered => {
+                tracing::debug!(%id, "delivered already; acked without sending it again");
+                self.metrics.count(Outcome::Duplicate);
+                return Settlement::Ack;
+            }
+        };
+        self.bounces.begin(id, to.clone());
+        let outcome = match self.deliver(&job).await {
+            Ok(()) => {
+                let record = Delivered {
+                    to,
+                    data: incoming.data.into(),
+                    attempts: incoming.attempts,
+                    timestamp: incoming.timestamp,
+                };
+                match self.bounces.delivered(id, record) {
+                    None => Ok(()),
+                    Some(bounce) => Err(bounce_error(&bounce)),
+                }
+            }
+            Err(e) => {
+                self.bounces.forget(id);
+                Err(e)
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                claim.delivered();
+                tracing::debug!(%id, "delivered");
+                self.metrics.count(Outcome::Delivered);
+                let millis = now_ms().saturating_sub(accepted_at_ms);
+                self.metrics.delivery_latency.observe(millis as f64 / 1000.0);
+                Settlement::Ack
+            }
+            Err(error) => {
+                // A copy waiting for this claim may take over from here.
+                drop(claim);
+                let age = Duration::from_millis(now_ms().saturating_sub(accepted_at_ms));
+                self.policy.after(&error, incoming.attempts, age)
+            }
+        }
+    }
+
+    async fn deliver(&self, job: &Job) -> Result<(), DeliveryError> {
+        let session = self.sessions.get(job.sender()).ok_or_else(|| {
+            DeliveryError::NoAccount(format!("this relay holds no XMPP account for sender {}", job.sender()))
+        })?;
+        let size = xmpp::stanza::xml_size(job);
+        if size > self.max_stanza_bytes {
+            return Err(DeliveryError::Permanent(format!(
+                "the message would be up to {size} bytes of XML, over the XMPP server's stanza limit (HERALD_MAX_STANZA_BYTES = {})",
+                self.max_stanza_bytes
+            )));
+        }
+        session.deliver(xmpp::stanza::message(job), self.online_timeout).await
+    }
+
+    /// The next job that bounced after the server had acknowledged it, with
+    /// its new settlement. Bounces for jobs still in flight are handed to
+    /// their attempt; bounces from anyone but the recipient are ignored.
+    /// `None` once every session has ended.
+    pub async fn next_bounced(&self) -> Option<Bounced> {
+        let mut bounced = self.bounced.lock().await;
+        loop {
+            let bounce = bounced.recv().await?;
+            self.metrics.bounces.get_or_create(&ConditionLabels { condition: bounce.condition.clone() }).inc();
+            let job = match self.bounces.bounced(&bounce) {
+                Lookup::Delivered(job) => job,
+                // `settle` sees it when the ack arrives.
+                Lookup::InFlight => continue,
+                Lookup::NotFromRecipient => {
+                    self.metrics.bounces_ignored.inc();
+                    tracing::info!(id = %bounce.id, from = %bounce.from, condition = %bounce.condition, "an error for a message from someone other than its recipient; ignored");
+                    continue;
+                }
+                Lookup::Unknown => {
+                    self.metrics.bounces_ignored.inc();
+                    tracing::info!(id = %bounce.id, condition = %bounce.condition, "an error for a message this relay does not remember; ignored");
+                    continue;
+                }
+            };
+            if let Ok(id) = uuid::Uuid::parse_str(&bounce.id) {
+                self.seen.forget(id);
+            }
+            let settlement = self.policy.after(&bounce_error(&bounce), job.attempts, Duration::ZERO);
+            return Some(Bounced { id: bounce.id, data: job.data, timestamp: job.timestamp, settlement });
+        }
+    }
+}
+
+/// A bounce as a delivery failure: `wait` errors are retried, the rest parked.
+fn bounce_error(bounce: &Bounce) -> DeliveryError {
+    let reason = format!("bounced: {} ({}) from {}", bounce.condition, bounce.kind, bounce.from);
+    if bounce.is_transient() { DeliveryError::Transient(reason) } else { DeliveryError::Permanent(reason) }
+}

@@ -1,0 +1,182 @@
+//! The relay's memory of the jobs it is delivering and has delivered, so
+//! that no job is sent twice by this process:
+//!
+//! - A job being delivered is *claimed*. Another copy of it (the broker
+//!   redelivering it after a lost channel while the first attempt still
+//!   runs, or a duplicate in the queue) waits for the claim to end instead
+//!   of being acked blindly: if the first attempt delivered it, the copy is
+//!   a duplicate; if it failed, the copy takes over. A claim ends when it
+//!   is dropped, so a panicking attempt releases it too.
+//! - A delivered job's id is remembered for the idempotency window (and at
+//!   most [`CAPACITY`] ids), so a copy that arrives later is acked without
+//!   being sent. Per relay process: another replica, or this one after a
+//!   restart, does not know them (the stanza id is the job id, so a client
+//!   can still drop the repeat).
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use herald_shared::recently::Recently;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// At most this many delivered ids are remembered, whatever the window
+/// (about 3 MiB).
+pub const CAPACITY: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub struct Seen {
+    delivered: Recently<Uuid, ()>,
+    /// Claims in force; the receiver wakes when its claim ends.
+    claims: Mutex<HashMap<Uuid, watch::Receiver<()>>>,
+}
+
+/// What `claim` found.
+#[derive(Debug)]
+pub enum Claimed<'a> {
+    /// Deliver it, then call [`Claim::delivered`] or drop the claim.
+    New(Claim<'a>),
+    /// Delivered within the window: ack it without sending.
+    Delivered,
+}
+
+/// The right to deliver one job. Dropping it without
+/// [`Claim::delivered`] lets a waiting copy take over.
+#[derive(Debug)]
+pub struct Claim<'a> {
+    seen: &'a Seen,
+    id: Uuid,
+    /// Dropped with the claim, which wakes the copies waiting for it.
+    _ended: watch::Sender<()>,
+}
+
+impl Claim<'_> {
+    /// The job was delivered: copies waiting for this claim, and later
+    /// ones within the window, are duplicates.
+    pub fn delivered(self) {
+        self.seen.delivered.insert(self.id, ());
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.seen.lock().remove(&self.id);
+    }
+}
+
+impl Seen {
+    pub fn new(window: Duration) -> Self {
+        Self { delivered: Recently::new(window, CAPACITY), claims: Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Receiver<()>>> {
+        // A panic while holding this lock leaves consistent data behind.
+        self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Claims `id` for delivery, waiting first for any claim on it in force.
+    pub async fn claim(&self, id: Uuid) -> Claimed<'_> {
+        loop {
+            let mut ended = {
+                let mut claims = self.lock();
+                // Checked under the lock: `Claim::delivered` records the id
+                // before its drop removes the claim.
+                if self.delivered.get(&id).is_some() {
+                    return Claimed::Delivered;
+                }
+                match claims.get(&id) {
+                    Some(ended) => ended.clone(),
+                    None => {
+                        let (tx, rx) = watch::channel(());
+                        claims.insert(id, rx);
+                        return Claimed::New(Claim { seen: self, id, _ended: tx });
+                    }
+                }
+            };
+            // Err once the sender is dropped: the claim ended.
+            while ended.changed().await.is_ok() {}
+        }
+    }
+
+    /// Forgets that `id` was delivered (it bounced and was parked or
+    /// retried: a replay or a retry must be sent).
+    pub fn forget(&self, id: Uuid) {
+        self.delivered.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    #[tokio::test]
+    async fn a_copy_waits_for_the_claim_and_is_a_duplicate_if_it_was_delivered() {
+        let seen = Arc::new(Seen::new(Duration::from_secs(60)));
+        let Claimed::New(claim) = seen.claim(id(1)).await else { panic!("first claim") };
+        let copy = tokio::spawn({
+            let seen = Arc::clone(&seen);
+            async move { matches!(seen.claim(id(1)).await, Claimed::Delivered) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!copy.is_finished(), "the copy waits while the first attempt runs");
+        claim.delivered();
+        assert!(copy.await.expect("task"), "delivered: the copy is a duplicate");
+        assert!(matches!(seen.claim(id(1)).await, Claimed::Delivered), "and so is a later one");
+    }
+
+    #[tokio::test]
+    async fn a_copy_takes_over_a_claim_that_ended_without_delivery() {
+        let seen = Arc::new(Seen::new(Duration::from_secs(60)));
+        let Claimed::New(claim) = seen.claim(id(1)).await else { panic!("first claim") };
+        let copy = tokio::spawn({
+            let seen = Arc::clone(&seen);
+            async move {
+                let Claimed::New(claim) = seen.claim(id(1)).await else { return false };
+                claim.delivered();
+                true
+            }
+        });
+        tokio::task::yield_now().await;
+        drop(claim);
+        assert!(copy.await.expect("task"), "the copy delivers it");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_attempt_releases_its_claim() {
+        let seen = Arc::new(Seen::new(Duration::from_secs(60)));
+        let attempt = tokio::spawn({
+            let seen = Arc::clone(&seen);
+            async move {
+                let _claim = seen.claim(id(1)).await;
+                panic!("a bug");
+            }
+        });
+        assert!(attempt.await.is_err());
+        assert!(matches!(seen.claim(id(1)).await, Claimed::New(_)));
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_id_is_sent_again() {
+        let seen = Seen::new(Duration::from_secs(60));
+        let Claimed::New(claim) = seen.claim(id(1)).await else { panic!("first claim") };
+        claim.delivered();
+        seen.forget(id(1));
+        assert!(matches!(seen.claim(id(1)).await, Claimed::New(_)));
+    }
+
+    #[tokio::test]
+    async fn remembers_at_most_capacity() {
+        let seen = Seen::new(Duration::from_secs(3600));
+        for n in 0..=CAPACITY as u128 {
+            let Claimed::New(claim) = seen.claim(id(n)).await else { panic!("new") };
+            claim.delivered();
+        }
+        assert!(matches!(seen.claim(id(1)).await, Claimed::Delivered), "all but the oldest are remembered");
+        assert!(matches!(seen.claim(id(0)).await, Claimed::New(_)), "the oldest was forgotten");
+    }
+}
