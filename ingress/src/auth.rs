@@ -4,25 +4,41 @@
 //! remembered for a short time under a keyed BLAKE2 hash of the credentials
 //! (the key is random per process; the password itself is never kept).
 //! Failures are never cached. An unknown user costs one argon2 verification
-//! too, so that timing does not tell which accounts exist. Failed logins are
-//! throttled per client address and per account (see `throttle`), and at
-//! most a few argon2 checks run at once, so that guessing can neither
-//! exhaust memory (argon2id takes 19 MiB each) nor starve the CPU.
+//! too, so that timing does not tell which accounts exist.
+//!
+//! An uncached check goes through three gates: the throttle (this client's
+//! own failures; `throttle`), the admission stage (a bounded budget of
+//! checks at once, a bounded queue, a deadline; `admission`), and the
+//! throttle again after the wait. argon2 runs on the blocking pool in a
+//! reused buffer (`password`), so memory does not grow with the number of
+//! checks.
 
-use crate::error::Error;
-use crate::throttle::Throttle;
-use crate::users::{User, Users};
-use argon2::{Argon2, PasswordHash, PasswordVerifier};
-use axum::http::HeaderMap;
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    extract::{ConnectInfo, FromRequestParts},
+    http::{HeaderMap, request::Parts},
+};
 use base64::Engine;
-use blake2::Blake2bMac512;
-use blake2::digest::{KeyInit, Mac};
+use blake2::{
+    Blake2bMac512,
+    digest::{KeyInit, Mac},
+};
 use herald_shared::Sender;
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
+
+use crate::{
+    admission::Admission,
+    error::Error,
+    password::Verifier,
+    routes::{AppState, client_address},
+    throttle::Throttle,
+    users::{User, Users},
+};
 
 /// Most remembered credentials at once; past it, expired ones are dropped
 /// and, if that is not enough, all of them.
@@ -40,21 +56,40 @@ pub struct Authenticator {
     mac_key: [u8; 32],
     cache: Mutex<HashMap<CacheKey, (Sender, Instant)>>,
     throttle: Throttle,
-    /// Bounds the argon2 checks running at once; a permit lives as long as
-    /// its check, even when the client that asked has gone.
-    verifying: Arc<Semaphore>,
+    admission: Admission,
+    verifier: Verifier,
+}
+
+/// The user a request authenticated as: an extractor that runs before the
+/// body is read, so an unauthenticated request never gets its body read.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub User);
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map(|ConnectInfo(peer)| *peer)
+            .ok_or_else(|| Error::Internal("no peer address on the request".into()))?;
+        let client = client_address(peer, &parts.headers, state.trust_forwarded_for);
+        state.auth.authenticate(&parts.headers, client).await.map(Authenticated)
+    }
 }
 
 impl Authenticator {
-    pub fn new(users: Users, ttl: Duration, free_failures: u32) -> Self {
-        let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    pub fn new(users: Users, ttl: Duration, free_failures: u32, admission: Admission) -> Self {
+        let verifier = Verifier::new(admission.slots());
         Self {
             users,
             ttl,
             mac_key: rand::random(),
             cache: Mutex::new(HashMap::new()),
             throttle: Throttle::new(free_failures),
-            verifying: Arc::new(Semaphore::new(parallel)),
+            admission,
+            verifier,
         }
     }
 
@@ -74,19 +109,23 @@ impl Authenticator {
             return self.users.get(&jid).cloned().ok_or(Error::Unauthorized);
         }
         let account = jid.to_string();
-        if let Some(wait) = self.throttle.check(client, &account) {
-            tracing::info!(%client, user = %jid, "login refused: too many failed logins");
-            return Err(Error::TooManyAttempts(wait.as_secs().max(1)));
-        }
-        let permit = Arc::clone(&self.verifying).acquire_owned().await.map_err(|e| Error::Internal(e.to_string()))?;
-        // The check, its permit and its bookkeeping run to the end on the
+        self.refuse_if_throttled(client, &account)?;
+        let pressured = self.throttle.under_pressure(&account);
+        let slot = self.admission.admit(pressured).await.map_err(|_| {
+            tracing::info!(%client, user = %jid, pressured, "login turned away: the password checks are busy");
+            Error::Overloaded(self.admission.retry_after().as_secs())
+        })?;
+        // The wait may have been long, and others from this client failed
+        // meanwhile.
+        self.refuse_if_throttled(client, &account)?;
+        // The check, its slot and its bookkeeping run to the end on the
         // blocking pool even if the request is dropped (a client that hangs
-        // up mid-check): otherwise hanging up would free the permit while
+        // up mid-check): otherwise hanging up would free the slot while
         // argon2 still runs, and skip the failure count.
         let this = Arc::clone(self);
         let checked_jid = jid.clone();
         let ok = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _slot = slot;
             this.check_password(client, checked_jid, &account, &password, key)
         })
         .await
@@ -94,6 +133,16 @@ impl Authenticator {
         match self.users.get(&jid) {
             Some(user) if ok => Ok(user.clone()),
             _ => Err(Error::Unauthorized),
+        }
+    }
+
+    fn refuse_if_throttled(&self, client: IpAddr, account: &str) -> Result<(), Error> {
+        match self.throttle.check(client, account) {
+            None => Ok(()),
+            Some(wait) => {
+                tracing::info!(%client, user = %account, "login refused: too many failed logins from this client");
+                Err(Error::TooManyAttempts(wait.as_secs().max(1)))
+            }
         }
     }
 
@@ -115,9 +164,7 @@ impl Authenticator {
             Some(user) => (user.password_hash.as_str(), true),
             None => (DUMMY_HASH, false),
         };
-        let Ok(parsed) = PasswordHash::new(hash) else { return false };
-        let ok = Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();
-        ok && known
+        self.verifier.verify(hash, password.as_bytes()) && known
     }
 
     fn cache_key(&self, jid: &Sender, password: &str) -> CacheKey {
@@ -203,7 +250,7 @@ mod tests {
         let hash = crate::hash_password::hash("s3cret:with colon").expect("hash");
         let users =
             Users::parse(&format!("[[users]]\njid = \"a@example.com\"\npassword_hash = \"{hash}\"\n")).expect("users");
-        Arc::new(Authenticator::new(users, ttl, 5))
+        Arc::new(Authenticator::new(users, ttl, 5, Admission::new(2, 64, Duration::from_secs(10))))
     }
 
     fn basic(user: &str, password: &str) -> HeaderMap {
@@ -237,37 +284,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn guessing_is_throttled_but_known_clients_keep_working() {
+    async fn a_guesser_is_throttled_and_the_owner_never_refused() {
         let auth = authenticator(Duration::from_secs(60));
-        auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT).await.expect("a script logs in");
         let guesser: IpAddr = "198.51.100.9".parse().expect("ip");
-        for _ in 0..5 {
+        for _ in 0..6 {
             assert!(matches!(
                 auth.authenticate(&basic("a@example.com", "guess"), guesser).await,
                 Err(Error::Unauthorized)
             ));
         }
-        // The sixth failure locks the address and the account for a second.
-        assert!(matches!(auth.authenticate(&basic("a@example.com", "guess"), guesser).await, Err(Error::Unauthorized)));
+        // The sixth failure locks the guesser's address for a second.
         assert!(matches!(
             auth.authenticate(&basic("a@example.com", "guess"), guesser).await,
             Err(Error::TooManyAttempts(1))
         ));
-        let other: IpAddr = "203.0.113.1".parse().expect("ip");
+        // The owner, from elsewhere, with nothing cached: its right
+        // password is checked (in the narrow lane) and accepted.
+        let owner: IpAddr = "203.0.113.1".parse().expect("ip");
+        assert!(auth.cache.lock().expect("lock").is_empty());
+        auth.authenticate(&basic("a@example.com", "s3cret:with colon"), owner).await.expect("the owner logs in");
         assert!(
-            matches!(auth.authenticate(&basic("a@example.com", "right?"), other).await, Err(Error::TooManyAttempts(_))),
-            "the account is locked"
+            matches!(auth.authenticate(&basic("a@example.com", "wrong"), owner).await, Err(Error::Unauthorized)),
+            "a wrong password from the owner's address is a plain 401"
         );
-        auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT)
-            .await
-            .expect("the cached script is not locked out");
     }
 
     #[tokio::test]
     async fn a_client_that_hangs_up_mid_check_still_counts_and_holds_its_permit() {
         let auth = authenticator(Duration::from_secs(60));
         let guesser: IpAddr = "198.51.100.10".parse().expect("ip");
-        let parallel = auth.verifying.available_permits();
+        let parallel = auth.admission.slots();
         for _ in 0..6 {
             // `timeout` polls the check once (it reaches argon2 on the
             // blocking pool), then drops it: a client hanging up.
@@ -275,9 +321,9 @@ mod tests {
                 tokio::time::timeout(Duration::ZERO, auth.authenticate(&basic("a@example.com", "guess"), guesser))
                     .await;
             assert!(dropped.is_err(), "the check was still running");
-            assert!(auth.verifying.available_permits() < parallel, "argon2 still holds its permit");
+            assert!(auth.admission.slots() < parallel, "argon2 still holds its permit");
             let settled = std::time::Instant::now() + Duration::from_secs(10);
-            while auth.verifying.available_permits() < parallel {
+            while auth.admission.slots() < parallel {
                 assert!(std::time::Instant::now() < settled, "the abandoned check finished");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }

@@ -54,10 +54,43 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
 
-    /// Failed logins allowed per client address and per account before each
-    /// further one doubles a lockout (429 with Retry-After), from 1 s to 15 min.
+    /// Failed logins allowed per client address (IPv6: per /64) and per
+    /// (account, address) before each further one doubles that client's
+    /// lockout (429 with Retry-After; 503 on the notification routes), from
+    /// 1 s to 15 min. An account's failures from other addresses never
+    /// refuse its owner.
     #[arg(long, env = "HERALD_LOGIN_FAILURES", default_value_t = 5)]
     pub login_failures: u32,
+
+    /// Uncached password checks (argon2, ~20 ms of CPU and 19 MiB each) run
+    /// at once. Default: half the cores, at least 1.
+    #[arg(long, env = "HERALD_AUTH_CONCURRENCY", default_value_t = default_auth_concurrency(), value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..), usize::from))]
+    pub auth_concurrency: usize,
+
+    /// Uncached password checks that may wait for a slot; more get 503 at
+    /// once.
+    #[arg(long, env = "HERALD_AUTH_QUEUE", default_value_t = 64)]
+    pub auth_queue: usize,
+
+    /// How long an uncached password check may wait for a slot before the
+    /// request gets 503 with Retry-After.
+    #[arg(long, env = "HERALD_AUTH_QUEUE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub auth_queue_timeout: std::time::Duration,
+
+    /// How long a connection may take to send a request's headers, counted
+    /// from when it waits for a request: a new connection, or a kept-alive
+    /// one after its last response (so this also closes idle keep-alive
+    /// connections).
+    #[arg(long, env = "HERALD_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: std::time::Duration,
+
+    /// How long a client may take to send a request's body (408 after).
+    #[arg(long, env = "HERALD_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http_body_timeout: std::time::Duration,
+
+    /// Open HTTP connections at most; further ones are closed at once.
+    #[arg(long, env = "HERALD_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub http_max_connections: usize,
 
     /// Take the client address for login throttling from the last entry of
     /// X-Forwarded-For (set this only behind a proxy that sets that header).
@@ -84,4 +117,10 @@ pub struct Config {
     /// Herald's default.
     #[arg(long, env = "HERALD_GRAFANA_TEMPLATE")]
     pub grafana_template: Option<PathBuf>,
+}
+
+/// `HERALD_AUTH_CONCURRENCY` when it is not set: half the cores, so that
+/// argon2 never takes every core from the requests that need none.
+fn default_auth_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }

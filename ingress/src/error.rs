@@ -25,9 +25,17 @@ pub enum Error {
     TooLarge(String),
     #[error("no such route")]
     NotFound,
-    /// Too many failed logins from this address or for this account.
-    #[error("too many failed logins; retry in {0} s")]
+    /// Too many failed logins from this client (its address, or its own
+    /// tries of this account).
+    #[error("too many failed logins from this client; retry in {0} s")]
     TooManyAttempts(u64),
+    /// Busy for now (the password checks are all taken, or a notification
+    /// sender is throttled): retry after this many seconds.
+    #[error("busy; retry in {0} s")]
+    Overloaded(u64),
+    /// The client did not send its body in time.
+    #[error("the request body did not arrive within {0} s")]
+    RequestTimeout(u64),
     /// The user's policy does not allow this recipient.
     #[error("{0}")]
     Forbidden(String),
@@ -51,6 +59,18 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+impl Error {
+    /// The error as a notification route answers it: Alertmanager and
+    /// Grafana drop a notification on a 4xx and retry a 5xx, so a refusal
+    /// that only means "not now" must be a 503 there.
+    pub fn for_notification(self) -> Self {
+        match self {
+            Error::TooManyAttempts(seconds) | Error::RateLimited(seconds) => Error::Overloaded(seconds),
+            other => other,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Problem<'a> {
     #[serde(rename = "type")]
@@ -71,7 +91,8 @@ impl Error {
             Error::NotFound => StatusCode::NOT_FOUND,
             Error::TooManyAttempts(_) | Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
-            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::Internal(_) | Error::Config(_) | Error::Io(_) | Error::Render(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -90,6 +111,8 @@ impl Error {
             Error::RateLimited(_) => "rate-limited",
             Error::Forbidden(_) => "forbidden-recipient",
             Error::Unavailable(_) => "unavailable",
+            Error::Overloaded(_) => "busy",
+            Error::RequestTimeout(_) => "request-timeout",
             Error::Render(_) => "template-failed",
             Error::Internal(_) | Error::Config(_) | Error::Io(_) => "internal",
         }
@@ -105,6 +128,7 @@ impl IntoResponse for Error {
                     tracing::warn!(%cause, "answering 503");
                     "the message queue cannot take the message right now; retry later".to_owned()
                 }
+                Error::Overloaded(seconds) => format!("busy; retry in {seconds} s"),
                 Error::Render(cause) => {
                     tracing::warn!(%cause, "the notification template failed");
                     "the message template failed on this notification; see the ingress log".to_owned()
@@ -135,7 +159,7 @@ impl IntoResponse for Error {
             Error::Unavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
             }
-            Error::TooManyAttempts(seconds) | Error::RateLimited(seconds) => {
+            Error::TooManyAttempts(seconds) | Error::RateLimited(seconds) | Error::Overloaded(seconds) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
             }
             _ => {}

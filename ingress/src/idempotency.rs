@@ -10,7 +10,7 @@
 //!   and does not send one twice (`herald_relay::delivery::seen`).
 
 use crate::error::Error;
-use crate::routes::AcceptedJob;
+use crate::publisher::AcceptedJob;
 use herald_shared::Sender;
 use herald_shared::recently::Recently;
 use std::time::Duration;

@@ -6,6 +6,7 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
@@ -23,6 +24,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub publish_seconds: Histogram,
     pub jobs_published: Counter,
+    pub connections: Gauge,
+    pub connections_refused: Counter,
 }
 
 impl Metrics {
@@ -31,6 +34,8 @@ impl Metrics {
             requests: Family::default(),
             publish_seconds: Histogram::new(herald_shared::admin::latency_buckets()),
             jobs_published: Counter::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
         };
         registry.register("herald_http_requests", "HTTP requests by route and status", metrics.requests.clone());
         registry.register(
@@ -39,6 +44,12 @@ impl Metrics {
             metrics.publish_seconds.clone(),
         );
         registry.register("herald_jobs_published", "Jobs the broker confirmed", metrics.jobs_published.clone());
+        registry.register("herald_http_connections", "Open HTTP connections", metrics.connections.clone());
+        registry.register(
+            "herald_http_connections_refused",
+            "HTTP connections closed at once because HERALD_HTTP_MAX_CONNECTIONS were open",
+            metrics.connections_refused.clone(),
+        );
         Arc::new(metrics)
     }
 }

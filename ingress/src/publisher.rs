@@ -9,6 +9,13 @@ use herald_shared::topology::headers;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
+/// A job the broker confirmed, as the 202 answer lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AcceptedJob {
+    pub id: uuid::Uuid,
+    pub to: String,
+}
+
 /// Hands a job to the broker; `Ok` only once the broker confirmed it was
 /// stored and routed to the work queue. An `idempotent` job's id came from
 /// an idempotency key, and the relay sends such an id only once.

@@ -1,31 +1,52 @@
 //! HTTP handlers: extract, authenticate, validate into a job, publish, map
 //! errors. Nothing else happens here.
 
-use crate::alerts::{self, Source, Templates};
-use crate::auth::Authenticator;
-use crate::error::Error;
-use crate::idempotency;
-use crate::metrics::Metrics;
-use crate::payload::{self, RawMessage};
-use crate::publisher;
-use crate::users::User;
-use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{ConnectInfo, FromRequest, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
-use axum::response::{IntoResponse, Response};
-use herald_shared::amqp::ConfirmChannel;
-use herald_shared::domain::{MAX_SUBJECT_BYTES, MAX_THREAD_BYTES, ShortText};
-use herald_shared::{Body, Job, MessageKind, Recipient, ValidationError};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{
+        DefaultBodyLimit, FromRequest, Path, Request, State,
+        rejection::{BytesRejection, PathRejection},
+    },
+    http::{HeaderMap, StatusCode, Uri, header},
+    middleware,
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use herald_shared::{
+    Body, Job, MessageKind, Recipient, ValidationError,
+    amqp::ConfirmChannel,
+    domain::{MAX_SUBJECT_BYTES, MAX_THREAD_BYTES, ShortText},
+};
 use serde::Serialize;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use uuid::Uuid;
+
+use crate::{
+    alerts::{self, Source, Templates},
+    auth::{Authenticated, Authenticator},
+    error::Error,
+    idempotency,
+    metrics::{self, Metrics},
+    payload::{self, RawMessage},
+    publisher::{self, AcceptedJob},
+    users::User,
+};
 
 /// Recipients one request may name: enough for a team and its rooms, few
 /// enough that one request cannot flood the queue.
 pub const MAX_RECIPIENTS: usize = 50;
+
+/// Room for form or JSON encoding around the largest accepted body (JSON
+/// escapes can take up to six bytes per character).
+const ENVELOPE_FACTOR: usize = 6;
+const ENVELOPE_EXTRA_BYTES: usize = 8 * 1024;
+/// Largest Alertmanager or Grafana notification accepted (many alerts).
+const NOTIFICATION_BODY_LIMIT: usize = 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -36,6 +57,28 @@ pub struct AppState {
     pub trust_forwarded_for: bool,
     pub templates: Arc<Templates>,
     pub idempotency: Arc<idempotency::Accepted>,
+    /// How long a client may take to send a request's body.
+    pub body_timeout: Duration,
+}
+
+/// The HTTP API. Requests need a `ConnectInfo<SocketAddr>` extension (the
+/// server adds it), for throttling by client address.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.max_body_bytes.saturating_mul(ENVELOPE_FACTOR).saturating_add(ENVELOPE_EXTRA_BYTES);
+    Router::new()
+        .route("/msg", post(msg))
+        .route("/msg/{to}", post(msg))
+        .layer(DefaultBodyLimit::max(body_limit))
+        // A notification carries many alerts; what it renders to is cut
+        // to the message limit, not refused.
+        .route("/alertmanager", post(alertmanager))
+        .route("/alertmanager/{to}", post(alertmanager))
+        .route("/grafana", post(grafana))
+        .route("/grafana/{to}", post(grafana))
+        .layer(DefaultBodyLimit::max(NOTIFICATION_BODY_LIMIT.max(body_limit)))
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::count_requests))
+        .with_state(state)
 }
 
 /// The 202 answer: one entry per job.
@@ -44,50 +87,42 @@ pub struct Accepted {
     pub jobs: Vec<AcceptedJob>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct AcceptedJob {
-    pub id: Uuid,
-    pub to: String,
-}
-
 /// `POST /msg/{to}`, and `POST /msg` with `to` in the body or the query
 /// string.
-pub async fn msg(
+async fn msg(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Authenticated(user): Authenticated,
     to: Result<Option<Path<String>>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, Error> {
     let to = path_recipient(to)?;
-    accept(&state, peer, to, &uri, &headers, request).await
+    accept(&state, &user, to, &uri, &headers, request).await
 }
 
 /// `POST /alertmanager/{to}`, and `POST /alertmanager?to=…&to=…`.
-pub async fn alertmanager(
+async fn alertmanager(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    user: Result<Authenticated, Error>,
     to: Result<Option<Path<String>>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, Error> {
-    let to = path_recipient(to)?;
-    notification(&state, peer, Source::Alertmanager, to, &uri, &headers, request).await
+    notification(&state, user, Source::Alertmanager, to, &uri, &headers, request).await.map_err(Error::for_notification)
 }
 
 /// `POST /grafana/{to}`, and `POST /grafana?to=…&to=…`.
-pub async fn grafana(
+async fn grafana(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    user: Result<Authenticated, Error>,
     to: Result<Option<Path<String>>, PathRejection>,
     uri: Uri,
     headers: HeaderMap,
     request: Request,
 ) -> Result<Response, Error> {
-    let to = path_recipient(to)?;
-    notification(&state, peer, Source::Grafana, to, &uri, &headers, request).await
+    notification(&state, user, Source::Grafana, to, &uri, &headers, request).await.map_err(Error::for_notification)
 }
 
 fn path_recipient(to: Result<Option<Path<String>>, PathRejection>) -> Result<Option<String>, Error> {
@@ -95,28 +130,26 @@ fn path_recipient(to: Result<Option<Path<String>>, PathRejection>) -> Result<Opt
 }
 
 /// Anything else: a problem document rather than an empty 404.
-pub async fn not_found() -> Error {
+async fn not_found() -> Error {
     Error::NotFound
 }
 
 async fn accept(
     state: &AppState,
-    peer: SocketAddr,
+    user: &User,
     path_to: Option<String>,
     uri: &Uri,
     headers: &HeaderMap,
     request: Request,
 ) -> Result<Response, Error> {
-    let client = client_address(peer, headers, state.trust_forwarded_for);
-    let user = state.auth.authenticate(headers, client).await?;
-    let body = read_body(request).await?;
+    let body = read_body(request, state.body_timeout).await?;
     let key = idempotency::key_from(headers)?;
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
     let mut raw = payload::parse(content_type, &body, payload::parse_query(uri.query())?)?;
     if let Some(to) = path_to {
         raw.to = vec![to];
     }
-    enqueue(state, &user, raw, key).await
+    enqueue(state, user, raw, key).await
 }
 
 /// A notification from Alertmanager or Grafana: one message, rendered by
@@ -124,16 +157,16 @@ async fn accept(
 /// string (which may also set `type`, `subject` and `thread`).
 async fn notification(
     state: &AppState,
-    peer: SocketAddr,
+    user: Result<Authenticated, Error>,
     source: Source,
-    path_to: Option<String>,
+    path_to: Result<Option<Path<String>>, PathRejection>,
     uri: &Uri,
     headers: &HeaderMap,
     request: Request,
 ) -> Result<Response, Error> {
-    let client = client_address(peer, headers, state.trust_forwarded_for);
-    let user = state.auth.authenticate(headers, client).await?;
-    let body = read_body(request).await?;
+    let Authenticated(user) = user?;
+    let path_to = path_recipient(path_to)?;
+    let body = read_body(request, state.body_timeout).await?;
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
     if !content_type.is_some_and(|ct| {
         ct.parse::<mime::Mime>().is_ok_and(|m| m.essence_str() == mime::APPLICATION_JSON.essence_str())
@@ -181,6 +214,11 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
     if !state.publisher.is_open() {
         return Err(Error::Unavailable("no confirm channel to the broker".into()));
     }
+    // A blocked connection (a broker alarm) would hold the publish until
+    // the confirm timeout: say so at once.
+    if state.publisher.is_blocked() {
+        return Err(Error::Unavailable("the broker blocks publishing (a memory or disk alarm)".into()));
+    }
     check_policy(user, &jobs)?;
     // One job per recipient, so that one failing recipient never blocks or
     // repeats the others; 202 only once the broker confirmed every one.
@@ -207,8 +245,13 @@ fn job_to(job: &Job) -> &Recipient {
 /// The body, read only once the request is authenticated (so an anonymous
 /// client cannot make the ingress buffer its uploads), within the route's
 /// `DefaultBodyLimit`.
-async fn read_body(request: Request) -> Result<Bytes, Error> {
-    Bytes::from_request(request, &()).await.map_err(body_rejection)
+/// A client that stops sending its body gets 408 once `timeout` has passed
+/// since the body was first asked for.
+async fn read_body(request: Request, timeout: Duration) -> Result<Bytes, Error> {
+    match tokio::time::timeout(timeout, Bytes::from_request(request, &())).await {
+        Ok(body) => body.map_err(body_rejection),
+        Err(_) => Err(Error::RequestTimeout(timeout.as_secs().max(1))),
+    }
 }
 
 fn body_rejection(e: BytesRejection) -> Error {
@@ -258,7 +301,7 @@ pub fn build_jobs(user: &User, raw: RawMessage, max_body_bytes: usize) -> Result
 
 /// The client's address: the peer, or behind a trusted proxy the last
 /// address in `X-Forwarded-For` (the one that proxy appended).
-fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
+pub(crate) fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
     let forwarded = trust_forwarded_for
         .then(|| {
             headers

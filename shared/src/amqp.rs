@@ -89,6 +89,13 @@ impl ConfirmChannel {
         self.healthy().is_some()
     }
 
+    /// Whether the broker has blocked this connection's publishes (a memory
+    /// or disk alarm: `connection.blocked`): a publish would wait for the
+    /// alarm to clear.
+    pub fn is_blocked(&self) -> bool {
+        self.healthy().is_some_and(|(connection, _)| connection.status().blocked())
+    }
+
     fn healthy(&self) -> Option<(Arc<Connection>, Channel)> {
         let current = self.current.read().unwrap_or_else(|p| p.into_inner());
         current.as_ref().filter(|(c, ch)| c.status().connected() && ch.status().connected()).cloned()

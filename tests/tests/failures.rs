@@ -37,7 +37,11 @@ async fn a_bounced_message_is_parked_with_its_condition_and_can_be_replayed() {
     assert_eq!(parked["attempts"], 1);
     let reason = parked["reason"].as_str().expect("reason");
     assert!(reason.contains("service-unavailable") && reason.contains("cancel"), "reason: {reason}");
-    assert_eq!(stack.broker.ready(&dead).await, 1, "listing leaves the job parked");
+    // A quorum queue takes returned messages back asynchronously.
+    poll::until("listing to leave the job parked", ARRIVAL, || async {
+        (stack.broker.ready(&dead).await == 1).then_some(())
+    })
+    .await;
 
     // The account appears; the operator replays the job and it arrives.
     let account = stack.prosody.register_as(&user, "pw");
