@@ -51,19 +51,20 @@ impl Application {
         }
         let templates =
             Arc::new(Templates::load(config.alertmanager_template.as_deref(), config.grafana_template.as_deref())?);
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
         let admission = Admission::new(config.auth_concurrency, config.auth_queue, config.auth_queue_timeout);
         let auth = Arc::new(Authenticator::new(
             users,
             Duration::from_secs(config.auth_cache_seconds),
             config.login_failures,
             admission,
+            Arc::clone(&metrics),
         ));
         let amqp_url = config.broker.url()?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
-        let mut registry = Registry::default();
-        let metrics = Metrics::register(&mut registry);
         let publisher =
             Arc::new(ConfirmChannel::new(&amqp_url, "herald-ingress", config.broker.topology(), Vec::new()));
         let ready: Readiness = {

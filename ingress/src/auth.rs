@@ -34,6 +34,7 @@ use herald_shared::Sender;
 use crate::{
     admission::Admission,
     error::Error,
+    metrics::Metrics,
     password::Verifier,
     routes::{AppState, client_address},
     throttle::Throttle,
@@ -58,6 +59,7 @@ pub struct Authenticator {
     throttle: Throttle,
     admission: Admission,
     verifier: Verifier,
+    metrics: Arc<Metrics>,
 }
 
 /// The user a request authenticated as: an extractor that runs before the
@@ -80,7 +82,7 @@ impl FromRequestParts<AppState> for Authenticated {
 }
 
 impl Authenticator {
-    pub fn new(users: Users, ttl: Duration, free_failures: u32, admission: Admission) -> Self {
+    pub fn new(users: Users, ttl: Duration, free_failures: u32, admission: Admission, metrics: Arc<Metrics>) -> Self {
         let verifier = Verifier::new(admission.slots());
         Self {
             users,
@@ -90,6 +92,7 @@ impl Authenticator {
             throttle: Throttle::new(free_failures),
             admission,
             verifier,
+            metrics,
         }
     }
 
@@ -113,6 +116,7 @@ impl Authenticator {
         let pressured = self.throttle.under_pressure(&account);
         let slot = self.admission.admit(pressured).await.map_err(|_| {
             tracing::info!(%client, user = %jid, pressured, "login turned away: the password checks are busy");
+            self.metrics.logins_turned_away.inc();
             Error::Overloaded(self.admission.retry_after().as_secs())
         })?;
         // The wait may have been long, and others from this client failed
@@ -126,6 +130,7 @@ impl Authenticator {
         let checked_jid = jid.clone();
         let ok = tokio::task::spawn_blocking(move || {
             let _slot = slot;
+            let _running = this.metrics.password_check();
             this.check_password(client, checked_jid, &account, &password, key)
         })
         .await
@@ -250,7 +255,8 @@ mod tests {
         let hash = crate::hash_password::hash("s3cret:with colon").expect("hash");
         let users =
             Users::parse(&format!("[[users]]\njid = \"a@example.com\"\npassword_hash = \"{hash}\"\n")).expect("users");
-        Arc::new(Authenticator::new(users, ttl, 5, Admission::new(2, 64, Duration::from_secs(10))))
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        Arc::new(Authenticator::new(users, ttl, 5, Admission::new(2, 64, Duration::from_secs(10)), metrics))
     }
 
     fn basic(user: &str, password: &str) -> HeaderMap {

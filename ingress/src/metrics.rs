@@ -26,6 +26,9 @@ pub struct Metrics {
     pub jobs_published: Counter,
     pub connections: Gauge,
     pub connections_refused: Counter,
+    pub password_checks: Gauge,
+    pub password_checks_peak: Gauge,
+    pub logins_turned_away: Counter,
 }
 
 impl Metrics {
@@ -36,6 +39,9 @@ impl Metrics {
             jobs_published: Counter::default(),
             connections: Gauge::default(),
             connections_refused: Counter::default(),
+            password_checks: Gauge::default(),
+            password_checks_peak: Gauge::default(),
+            logins_turned_away: Counter::default(),
         };
         registry.register("herald_http_requests", "HTTP requests by route and status", metrics.requests.clone());
         registry.register(
@@ -50,7 +56,39 @@ impl Metrics {
             "HTTP connections closed at once because HERALD_HTTP_MAX_CONNECTIONS were open",
             metrics.connections_refused.clone(),
         );
+        registry.register(
+            "herald_password_checks",
+            "argon2 password checks running now",
+            metrics.password_checks.clone(),
+        );
+        registry.register(
+            "herald_password_checks_peak",
+            "Most argon2 password checks that ran at once since start (bounded by HERALD_AUTH_CONCURRENCY)",
+            metrics.password_checks_peak.clone(),
+        );
+        registry.register(
+            "herald_logins_turned_away",
+            "Uncached logins answered 503 because the password checks were busy",
+            metrics.logins_turned_away.clone(),
+        );
         Arc::new(metrics)
+    }
+
+    /// One more password check running, for as long as the guard lives.
+    pub fn password_check(&self) -> PasswordCheck<'_> {
+        let running = self.password_checks.inc() + 1;
+        self.password_checks_peak.inner().fetch_max(running, std::sync::atomic::Ordering::Relaxed);
+        PasswordCheck(self)
+    }
+}
+
+/// Counts a running password check; see [`Metrics::password_check`].
+#[derive(Debug)]
+pub struct PasswordCheck<'a>(&'a Metrics);
+
+impl Drop for PasswordCheck<'_> {
+    fn drop(&mut self) {
+        self.0.password_checks.dec();
     }
 }
 

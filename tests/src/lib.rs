@@ -4,6 +4,7 @@
 //! Nothing here sleeps for a fixed time: everything polls with a deadline.
 
 pub mod binaries;
+pub mod blocker;
 pub mod broker;
 pub mod fixture;
 pub mod load;

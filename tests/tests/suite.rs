@@ -18,6 +18,7 @@ mod bench;
 mod binaries;
 mod e2e;
 mod failures;
+mod front_door;
 mod hostile;
 mod idempotency;
 mod operations;
