@@ -61,12 +61,12 @@ impl Application {
             admission,
             Arc::clone(&metrics),
         ));
-        let amqp_url = config.broker.url()?;
+        let amqp_urls = config.broker.urls()?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
         let publisher =
-            Arc::new(ConfirmChannel::new(&amqp_url, "herald-ingress", config.broker.topology(), Vec::new()));
+            Arc::new(ConfirmChannel::new(amqp_urls, "herald-ingress", config.broker.topology(), Vec::new()));
         let ready: Readiness = {
             let publisher = Arc::clone(&publisher);
             Arc::new(move || broker_readiness(&publisher))

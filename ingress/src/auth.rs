@@ -29,7 +29,7 @@ use blake2::{
     Blake2bMac512,
     digest::{KeyInit, Mac},
 };
-use herald_shared::Sender;
+use herald_shared::{Sender, telemetry::Repeated};
 
 use crate::{
     admission::Admission,
@@ -115,7 +115,10 @@ impl Authenticator {
         self.refuse_if_throttled(client, &account)?;
         let pressured = self.throttle.under_pressure(&account);
         let slot = self.admission.admit(pressured).await.map_err(|_| {
-            tracing::info!(%client, user = %jid, pressured, "login turned away: the password checks are busy");
+            static REPEATED: Repeated = Repeated::new(Duration::from_secs(1));
+            if let Some(times) = REPEATED.tick() {
+                tracing::info!(%client, user = %jid, pressured, times, "login turned away: the password checks are busy");
+            }
             self.metrics.logins_turned_away.inc();
             Error::Overloaded(self.admission.retry_after().as_secs())
         })?;
@@ -145,7 +148,10 @@ impl Authenticator {
         match self.throttle.check(client, account) {
             None => Ok(()),
             Some(wait) => {
-                tracing::info!(%client, user = %account, "login refused: too many failed logins from this client");
+                static REPEATED: Repeated = Repeated::new(Duration::from_secs(1));
+                if let Some(times) = REPEATED.tick() {
+                    tracing::info!(%client, user = %account, times, "login refused: too many failed logins from this client");
+                }
                 Err(Error::TooManyAttempts(wait.as_secs().max(1)))
             }
         }

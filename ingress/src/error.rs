@@ -5,7 +5,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use herald_shared::ValidationError;
+use herald_shared::{ValidationError, telemetry::Repeated};
 use serde::Serialize;
 
 /// How long a client should wait before retrying a 503.
@@ -125,7 +125,10 @@ impl IntoResponse for Error {
         let detail = if status.is_server_error() {
             match &self {
                 Error::Unavailable(cause) => {
-                    tracing::warn!(%cause, "answering 503");
+                    static REPEATED: Repeated = Repeated::new(std::time::Duration::from_secs(1));
+                    if let Some(times) = REPEATED.tick() {
+                        tracing::warn!(%cause, times, "answering 503 (one line a second at most, with the count)");
+                    }
                     "the message queue cannot take the message right now; retry later".to_owned()
                 }
                 Error::Overloaded(seconds) => format!("busy; retry in {seconds} s"),

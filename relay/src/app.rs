@@ -8,7 +8,7 @@ use std::{
 
 use herald_shared::{
     admin::{Admin, Readiness},
-    amqp::ConfirmChannel,
+    amqp::{BrokerUrls, ConfirmChannel},
 };
 use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use prometheus_client::registry::Registry;
@@ -30,7 +30,7 @@ const QUEUE_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
 pub struct Application {
     config: Config,
     /// Read at build, so that an unreadable URL file stops start-up.
-    amqp_url: String,
+    amqp_urls: BrokerUrls,
     accounts: Vec<Account>,
     admin: Admin,
     metrics: Arc<Metrics>,
@@ -44,7 +44,7 @@ impl Application {
         let file =
             config.accounts_file.clone().ok_or_else(|| Error::Config("HERALD_ACCOUNTS_FILE is required".into()))?;
         let accounts = accounts::load(&file)?;
-        let amqp_url = config.broker.url()?;
+        let amqp_urls = config.broker.urls()?;
         if accounts.is_empty() {
             return Err(Error::Config(format!("the accounts file {} lists no accounts", file.display())));
         }
@@ -58,7 +58,7 @@ impl Application {
         let admin = Admin::bind(config.admin_listen, registry, ready)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.admin_listen)))?;
-        Ok(Self { config, amqp_url, accounts, admin, metrics, delivery })
+        Ok(Self { config, amqp_urls, accounts, admin, metrics, delivery })
     }
 
     pub fn admin_port(&self) -> u16 {
@@ -68,7 +68,7 @@ impl Application {
     /// Runs until `shutdown` resolves, then stops consuming, waits (bounded)
     /// for the acks of what was already sent, and closes the XMPP streams.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let Self { config, amqp_url, accounts, admin, metrics, delivery: ready_delivery } = self;
+        let Self { config, amqp_urls, accounts, admin, metrics, delivery: ready_delivery } = self;
         let stop_admin = CancellationToken::new();
         let admin = tokio::spawn(admin.serve(stop_admin.clone().cancelled_owned()));
         let stop_sessions = CancellationToken::new();
@@ -83,7 +83,7 @@ impl Application {
         let delivery = Arc::new(delivery);
         let _ = ready_delivery.set(Arc::clone(&delivery));
         let publisher = Arc::new(ConfirmChannel::new(
-            &amqp_url,
+            amqp_urls.clone(),
             "herald-relay publisher",
             config.broker.topology(),
             config.retry_delays.0.clone(),
@@ -102,7 +102,7 @@ impl Application {
         });
         let stop_consuming = CancellationToken::new();
         let consumer = tokio::spawn(Arc::clone(&worker).consume(
-            amqp_url,
+            amqp_urls,
             config.prefetch,
             config.drain_timeout,
             stop_consuming.clone(),

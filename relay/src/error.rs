@@ -8,6 +8,8 @@ pub enum Error {
     Config(String),
     #[error("broker: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("broker unreachable: {0}")]
+    Broker(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

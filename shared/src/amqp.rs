@@ -4,6 +4,7 @@
 use crate::topology::Topology;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -55,12 +56,91 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     Connection::connect(url, properties).await
 }
 
+/// Where the broker is: one URL, or the nodes of a cluster, tried in turn.
+///
+/// `HERALD_AMQP_URL` is a comma-separated list. The first entry is a whole
+/// URL; a later entry is a whole URL too, or just `host:port`, which takes
+/// the first URL's scheme, credentials, vhost and options
+/// (`amqp://herald:pw@rabbit-0:5672/%2f,rabbit-1:5672,rabbit-2:5672`).
+/// Each connection starts with the node after the one the last connection
+/// used, and goes on to the next while one does not answer: a lost node
+/// costs one reconnect, not an outage.
+#[derive(Clone)]
+pub struct BrokerUrls {
+    urls: Arc<[String]>,
+    /// The entry the next connection tries first.
+    next: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for BrokerUrls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl BrokerUrls {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut entries = text.split(',').map(str::trim).filter(|e| !e.is_empty());
+        let first = entries.next().ok_or("the AMQP URL is empty")?.to_owned();
+        let mut urls = vec![first.clone()];
+        for entry in entries {
+            urls.push(if entry.contains("://") { entry.to_owned() } else { with_authority(&first, entry)? });
+        }
+        for url in &urls {
+            url.parse::<lapin::uri::AMQPUri>().map_err(|e| format!("{}: {e}", redact_url(url)))?;
+        }
+        Ok(Self { urls: urls.into(), next: Arc::default() })
+    }
+
+    /// The URLs, passwords hidden, for logs and errors.
+    pub fn redacted(&self) -> String {
+        self.urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn len(&self) -> usize {
+        self.urls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.urls.is_empty()
+    }
+
+    /// Connects to the first entry that answers within `CONNECT_TIMEOUT`,
+    /// starting after the one the previous connection used.
+    pub async fn connect(&self, name: &str) -> Result<Connection, String> {
+        let start = self.next.load(Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for i in 0..self.urls.len() {
+            let index = (start + i) % self.urls.len();
+            let url = &self.urls[index];
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect(url, name)).await {
+                Ok(Ok(connection)) => {
+                    self.next.store(index + 1, Ordering::Relaxed);
+                    return Ok(connection);
+                }
+                Ok(Err(e)) => errors.push(format!("{}: {e}", redact_url(url))),
+                Err(_) => errors.push(format!("{}: no answer within {CONNECT_TIMEOUT:?}", redact_url(url))),
+            }
+        }
+        Err(errors.join("; "))
+    }
+}
+
+/// `base` with its host and port replaced by `authority`.
+fn with_authority(base: &str, authority: &str) -> Result<String, String> {
+    let (scheme, rest) = base.split_once("://").ok_or_else(|| format!("{} has no scheme", redact_url(base)))?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (old, tail) = rest.split_at(end);
+    let userinfo = old.rsplit_once('@').map(|(u, _)| format!("{u}@")).unwrap_or_default();
+    Ok(format!("{scheme}://{userinfo}{authority}{tail}"))
+}
+
 /// A confirm-mode channel that reconnects on demand: after a failure the next
 /// publish opens a new connection (one caller at a time; the others wait for
 /// it). Many publishes may be in flight on it at once.
 #[derive(Debug)]
 pub struct ConfirmChannel {
-    url: String,
+    urls: BrokerUrls,
     name: String,
     topology: Topology,
     retry_delays: Vec<Duration>,
@@ -69,9 +149,9 @@ pub struct ConfirmChannel {
 }
 
 impl ConfirmChannel {
-    pub fn new(url: &str, name: &str, topology: Topology, retry_delays: Vec<Duration>) -> Self {
+    pub fn new(urls: BrokerUrls, name: &str, topology: Topology, retry_delays: Vec<Duration>) -> Self {
         Self {
-            url: url.to_owned(),
+            urls,
             name: name.to_owned(),
             topology,
             retry_delays,
@@ -114,11 +194,8 @@ impl ConfirmChannel {
         if let Some(current) = self.healthy() {
             return Ok(current);
         }
-        let (connection, channel) = tokio::time::timeout(CONNECT_TIMEOUT, self.open())
-            .await
-            .map_err(|_| PublishError::Connect(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| PublishError::Connect(e.to_string()))?;
-        tracing::info!(url = %redact_url(&self.url), "connected to the broker");
+        let (connection, channel) = self.open().await.map_err(PublishError::Connect)?;
+        tracing::info!(name = %self.name, urls = %self.urls.redacted(), "connected to the broker");
         let fresh = (Arc::new(connection), channel);
         let old = self.current.write().unwrap_or_else(|p| p.into_inner()).replace(fresh.clone());
         if let Some((old, _)) = old {
@@ -127,12 +204,24 @@ impl ConfirmChannel {
         Ok(fresh)
     }
 
-    async fn open(&self) -> lapin::Result<(Connection, Channel)> {
-        let connection = connect(&self.url, &self.name).await?;
-        let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        self.topology.declare(&connection, &channel, &self.retry_delays).await?;
-        Ok((connection, channel))
+    async fn open(&self) -> Result<(Connection, Channel), String> {
+        let connection = self.urls.connect(&self.name).await?;
+        let setup = async {
+            let channel = connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            self.topology.declare(&connection, &channel, &self.retry_delays).await?;
+            Ok::<_, lapin::Error>(channel)
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, setup).await {
+            Ok(Ok(channel)) => Ok((connection, channel)),
+            failed => {
+                drop(connection.close(200, "setup failed".into()).await);
+                Err(match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {CONNECT_TIMEOUT:?} while declaring the topology"),
+                })
+            }
+        }
     }
 
     /// Publishes a persistent message with `mandatory` and waits for the
@@ -172,8 +261,12 @@ impl ConfirmChannel {
             Err(_) => Err(PublishError::Timeout(CONFIRM_TIMEOUT)),
         };
         // Unroutable: a queue was deleted under us; a new connection
-        // declares the topology again.
-        if matches!(result, Err(PublishError::Channel(_) | PublishError::Timeout(_) | PublishError::Unroutable)) {
+        // declares the topology again. Nacked: the work queue has no length
+        // limit, so a nack means the queue was unavailable, and on RabbitMQ
+        // 3.10 a channel that published to a quorum queue whose leader's
+        // node died went on being nacked for as long as it lived (seen on a
+        // three-node cluster here) while a new channel was served at once.
+        if result.is_err() {
             self.forget(&connection);
         }
         result
@@ -185,6 +278,7 @@ impl ConfirmChannel {
         if current.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, failed))
             && let Some((connection, _)) = current.take()
         {
+            tracing::warn!(name = %self.name, "lost the broker connection; reconnecting");
             tokio::spawn(async move { drop(connection.close(200, "reconnecting".into()).await) });
         }
     }
@@ -212,6 +306,26 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::BrokerUrls;
+
+    #[test]
+    fn a_list_of_urls_shares_the_first_ones_credentials_and_vhost() {
+        let urls = BrokerUrls::parse("amqp://u:p@a:5672/v?heartbeat=5, b:5673 ,amqps://x:y@c/%2f").expect("valid");
+        assert_eq!(
+            &*urls.urls,
+            ["amqp://u:p@a:5672/v?heartbeat=5", "amqp://u:p@b:5673/v?heartbeat=5", "amqps://x:y@c/%2f"]
+        );
+        assert_eq!(
+            urls.redacted(),
+            "amqp://u:***@a:5672/v?heartbeat=5,amqp://u:***@b:5673/v?heartbeat=5,amqps://x:***@c/%2f"
+        );
+        assert!(!format!("{urls:?}").contains(":p@"), "Debug hides passwords");
+        assert_eq!(BrokerUrls::parse("amqp://guest:guest@127.0.0.1:5672/%2f").expect("valid").len(), 1);
+        assert!(BrokerUrls::parse("").is_err());
+        assert!(BrokerUrls::parse("http://a/").is_err());
+        assert!(BrokerUrls::parse("amqp://a:notaport/").is_err());
+    }
+
     #[test]
     fn redacts_passwords() {
         assert_eq!(super::redact_url("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
@@ -224,11 +338,14 @@ mod tests {
 /// relay's `dead` subcommands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://), or a comma-separated list of a
+    /// cluster's nodes: whole URLs, or `host:port` entries that take the
+    /// first URL's credentials and vhost. Default:
+    /// amqp://guest:guest@127.0.0.1:5672/%2f (the local broker).
     #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
     pub amqp_url: String,
-    /// File holding the RabbitMQ URL (e.g. a mounted Secret); overrides
-    /// HERALD_AMQP_URL.
+    /// File holding the RabbitMQ URL or list (e.g. a mounted Secret);
+    /// overrides HERALD_AMQP_URL.
     #[arg(long, env = "HERALD_AMQP_URL_FILE")]
     pub amqp_url_file: Option<std::path::PathBuf>,
 
@@ -238,9 +355,10 @@ pub struct BrokerArgs {
 }
 
 impl BrokerArgs {
-    /// The URL, read from `amqp_url_file` if one is given.
-    pub fn url(&self) -> std::io::Result<String> {
-        url_or_file(&self.amqp_url, self.amqp_url_file.as_deref())
+    /// The URLs, read from `amqp_url_file` if one is given, and checked.
+    pub fn urls(&self) -> std::io::Result<BrokerUrls> {
+        let text = url_or_file(&self.amqp_url, self.amqp_url_file.as_deref())?;
+        BrokerUrls::parse(&text).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
     }
 
     pub fn topology(&self) -> crate::Topology {

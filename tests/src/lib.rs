@@ -6,6 +6,7 @@
 pub mod binaries;
 pub mod blocker;
 pub mod broker;
+pub mod cluster;
 pub mod fixture;
 pub mod load;
 pub mod poll;

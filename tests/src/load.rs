@@ -76,19 +76,27 @@ pub struct Tally {
     pub delivered: usize,
     pub duplicates: usize,
     pub lost: usize,
-    /// What arrived with an id that was not accepted, or with a body other
-    /// than the one accepted under its id (kept whole, for the failure).
+    /// Arrivals with an id that was never accepted but a body that was: a
+    /// post answered 503 (or cut) that the broker had stored all the same,
+    /// sent again by the client under a new id. The contract allows these
+    /// ("a 503 means not confirmed, not not stored").
+    pub resent: usize,
+    /// What arrived with a body that was never accepted, or with a body
+    /// other than the one accepted under its id (kept whole, for the
+    /// failure).
     pub altered: Vec<Received>,
 }
 
 impl Tally {
     pub fn of(sent: &Sent, received: &[Received]) -> Self {
         let mut seen: HashMap<&str, usize> = HashMap::new();
-        let mut altered = Vec::new();
+        let bodies: std::collections::HashSet<&str> = sent.accepted.values().map(String::as_str).collect();
+        let (mut altered, mut resent) = (Vec::new(), 0);
         for m in received {
             let id = m.id.as_deref().unwrap_or("");
             match sent.accepted.get(id) {
                 Some(body) if *body == m.body => *seen.entry(id).or_default() += 1,
+                None if bodies.contains(m.body.as_str()) => resent += 1,
                 _ => altered.push(m.clone()),
             }
         }
@@ -98,6 +106,7 @@ impl Tally {
             delivered,
             duplicates: seen.values().map(|n| n - 1).sum(),
             lost: sent.accepted.len() - delivered,
+            resent,
             altered,
         }
     }
@@ -105,10 +114,11 @@ impl Tally {
     /// One line for the test output and the README's table.
     pub fn report(&self, fault: &str) -> String {
         format!(
-            "FAULT {fault}: sent {} delivered {} duplicated {} lost {} altered {}",
+            "FAULT {fault}: sent {} delivered {} duplicated {} resent after a 503 {} lost {} altered {}",
             self.sent,
             self.delivered,
             self.duplicates,
+            self.resent,
             self.lost,
             self.altered.len()
         )

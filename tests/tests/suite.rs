@@ -16,6 +16,7 @@ mod acks;
 mod alerting;
 mod bench;
 mod binaries;
+mod cluster;
 mod e2e;
 mod failures;
 mod front_door;

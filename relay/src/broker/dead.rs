@@ -10,7 +10,7 @@ use std::io::Write;
 
 use herald_shared::{
     Job, Topology,
-    amqp::{self, BrokerArgs, ConfirmChannel},
+    amqp::{BrokerArgs, ConfirmChannel},
     topology::{WORK_ROUTING_KEY, headers},
 };
 use lapin::{
@@ -55,8 +55,8 @@ impl Parked {
 /// Prints up to `limit` parked jobs, one JSON object per line, and returns
 /// how many it printed. The queue is left as it was.
 pub async fn list(broker: &BrokerArgs, limit: usize, out: &mut impl Write) -> Result<usize, Error> {
-    let (topology, url) = (broker.topology(), broker.url()?);
-    let connection = amqp::connect(&url, "herald-relay dead list").await?;
+    let (topology, urls) = (broker.topology(), broker.urls()?);
+    let connection = urls.connect("herald-relay dead list").await.map_err(Error::Broker)?;
     let channel = connection.create_channel().await?;
     let mut printed = 0;
     while printed < limit {
@@ -76,9 +76,9 @@ pub async fn list(broker: &BrokerArgs, limit: usize, out: &mut impl Write) -> Re
 /// parked when it starts at most once, so jobs that are parked again while
 /// it runs wait for the next replay.
 pub async fn replay(broker: &BrokerArgs, ids: &[String]) -> Result<usize, Error> {
-    let (topology, url) = (broker.topology(), broker.url()?);
-    let publisher = ConfirmChannel::new(&url, "herald-relay dead replay", topology.clone(), Vec::new());
-    let connection = amqp::connect(&url, "herald-relay dead replay").await?;
+    let (topology, urls) = (broker.topology(), broker.urls()?);
+    let publisher = ConfirmChannel::new(urls.clone(), "herald-relay dead replay", topology.clone(), Vec::new());
+    let connection = urls.connect("herald-relay dead replay").await.map_err(Error::Broker)?;
     let channel = connection.create_channel().await?;
     let options = QueueDeclareOptions { passive: true, ..Default::default() };
     let parked = channel

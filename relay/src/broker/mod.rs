@@ -20,7 +20,7 @@ use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 use futures::{FutureExt, StreamExt};
 use herald_shared::{
     Topology,
-    amqp::{self, ConfirmChannel},
+    amqp::{self, BrokerUrls, ConfirmChannel},
     topology::headers,
 };
 use lapin::{
@@ -182,7 +182,7 @@ impl Worker {
     /// the queue untouched.
     pub async fn consume(
         self: Arc<Self>,
-        url: String,
+        urls: BrokerUrls,
         prefetch: u16,
         drain_timeout: Duration,
         stop: CancellationToken,
@@ -194,14 +194,12 @@ impl Worker {
         while !stop.is_cancelled() {
             let opened = tokio::select! {
                 () = stop.cancelled() => break,
-                opened = tokio::time::timeout(amqp::CONNECT_TIMEOUT, self.open(&url, prefetch)) => {
-                    opened.unwrap_or_else(|_| Err(format!("no answer within {:?}", amqp::CONNECT_TIMEOUT)))
-                }
+                opened = self.open(&urls, prefetch) => opened,
             };
             let (connection, channel, mut consumer) = match opened {
                 Ok(opened) => opened,
                 Err(e) => {
-                    tracing::warn!(url = %amqp::redact_url(&url), error = %e, "cannot consume from the broker; retrying");
+                    tracing::warn!(urls = %urls.redacted(), error = %e, "cannot consume from the broker; retrying");
                     tokio::select! {
                         () = stop.cancelled() => break,
                         () = tokio::time::sleep(RECONNECT_DELAY) => continue,
@@ -282,8 +280,8 @@ impl Worker {
         }
     }
 
-    async fn open(&self, url: &str, prefetch: u16) -> Result<(Connection, Channel, Consumer), String> {
-        let connection = amqp::connect(url, "herald-relay consumer").await.map_err(|e| e.to_string())?;
+    async fn open(&self, urls: &BrokerUrls, prefetch: u16) -> Result<(Connection, Channel, Consumer), String> {
+        let connection = urls.connect("herald-relay consumer").await?;
         let opened = async {
             let channel = connection.create_channel().await?;
             self.topology.declare(&connection, &channel, &self.retry_delays).await?;
@@ -297,13 +295,15 @@ impl Worker {
                 )
                 .await?;
             Ok::<_, lapin::Error>((channel, consumer))
-        }
-        .await;
-        match opened {
-            Ok((channel, consumer)) => Ok((connection, channel, consumer)),
-            Err(e) => {
+        };
+        match tokio::time::timeout(amqp::CONNECT_TIMEOUT, opened).await {
+            Ok(Ok((channel, consumer))) => Ok((connection, channel, consumer)),
+            failed => {
                 drop(connection.close(200, "cannot consume".into()).await);
-                Err(e.to_string())
+                Err(match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {:?} while setting up the consumer", amqp::CONNECT_TIMEOUT),
+                })
             }
         }
     }

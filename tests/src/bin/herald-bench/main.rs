@@ -21,6 +21,7 @@
 //! `HERALD_TEST_AMQP_URL` or the local one, as for the tests.
 
 mod arrivals;
+mod attack;
 mod broker_ceiling;
 mod herald;
 mod http_load;
@@ -38,11 +39,19 @@ use herald_tests::{Broker, Prosody, XmppAccount};
 use http_load::{Limit, Outcome, Target};
 use machine::{CpuMeter, Watched};
 use options::Options;
-use report::{CpuUse, EndToEnd, Paced, Results};
+use report::{Attacked, CpuUse, EndToEnd, Paced, Results};
 use stats::Percentiles;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xmpp_ceiling::Socket;
+
+/// Phase 2b: wrong guesses, how many at a time, from how many addresses;
+/// and the cached clients' fixed rate meanwhile, for how long.
+const ATTACK_GUESSES: usize = 1000;
+const ATTACK_CONCURRENCY: usize = 200;
+const ATTACK_ADDRESSES: usize = 250;
+const ATTACK_RATE: u32 = 200;
+const ATTACK_TIME: Duration = Duration::from_secs(5);
 
 /// The accounts on the bench's Prosody.
 struct Accounts {
@@ -131,6 +140,21 @@ async fn main() {
     .await;
     cpu.push(("1a. broker headroom", meter.stop()));
 
+    // 2b. Cached clients posting at a fixed rate while wrong guesses
+    // arrive from many addresses.
+    let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+    progress(&format!(
+        "2b. under attack: {ATTACK_GUESSES} wrong guesses ({ATTACK_CONCURRENCY} at a time, {ATTACK_ADDRESSES} addresses) \
+         while cached clients post at {ATTACK_RATE}/s"
+    ));
+    let attack =
+        tokio::spawn(attack::guesses(target.url.clone(), ATTACK_GUESSES, ATTACK_CONCURRENCY, ATTACK_ADDRESSES));
+    let load = http_load::open_loop(Arc::clone(&target), ATTACK_RATE, ATTACK_TIME).await;
+    let guesses = attack.await.expect("the attack task");
+    let attacked = Attacked { load, guesses, rss_ingress_kib: herald.ingress_pid().and_then(machine::peak_rss_kib) };
+    cpu.push(("2b. under attack", meter.stop()));
+    herald.purge_work_queue(&broker).await;
+
     progress("starting herald-relay");
     herald.start_relay(&target.http, &options.relay_env).await;
     warm_up_path(&target, &mut arrivals).await;
@@ -187,6 +211,7 @@ async fn main() {
         xmpp,
         xmpp_floor,
         ingress,
+        attacked,
         e2e,
         paced,
         rss_ingress_kib,

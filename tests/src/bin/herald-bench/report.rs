@@ -14,6 +14,16 @@ const MIN_INGRESS_RATIO: f64 = 0.60;
 const MIN_E2E_RATIO: f64 = 0.60;
 const MAX_P99: Duration = Duration::from_millis(25);
 const MAX_RSS_KIB: u64 = 64 * 1024;
+const MAX_P99_UNDER_ATTACK: Duration = Duration::from_millis(50);
+
+/// Phase 2b: cached clients at a fixed rate while wrong guesses arrive.
+#[derive(Debug)]
+pub struct Attacked {
+    pub load: Outcome,
+    pub guesses: crate::attack::Guesses,
+    /// The ingress's peak RSS at the end of the phase (so far in the run).
+    pub rss_ingress_kib: Option<u64>,
+}
 
 /// Everything sent as fast as possible through the whole path.
 #[derive(Debug)]
@@ -73,6 +83,7 @@ pub struct Results {
     pub xmpp: Vec<Direct>,
     pub xmpp_floor: Vec<DirectPaced>,
     pub ingress: Vec<Outcome>,
+    pub attacked: Attacked,
     pub e2e: Vec<EndToEnd>,
     pub paced: Paced,
     pub rss_ingress_kib: Option<u64>,
@@ -152,6 +163,7 @@ pub fn print(r: &Results) {
 fn rows(r: &Results) -> Vec<Row> {
     let mut rows = ceiling_rows(r);
     rows.extend(ingress_rows(r));
+    rows.extend(attack_rows(&r.attacked));
     rows.extend(e2e_rows(r));
     rows.push(rss_row("peak RSS (VmHWM) herald-ingress, whole run", r.rss_ingress_kib));
     rows.push(rss_row("peak RSS (VmHWM) herald-relay, whole run", r.rss_relay_kib));
@@ -240,6 +252,48 @@ fn ingress_rows(r: &Results) -> Vec<Row> {
             verdict: verdict(ratio >= MIN_INGRESS_RATIO),
         },
         Row::info("herald-ingress: POST → 202 latency in those runs".into(), summary(Percentiles::of(answers))),
+    ]
+}
+
+fn attack_rows(a: &Attacked) -> Vec<Row> {
+    let answers = Percentiles::of(a.load.answer_latencies());
+    let g = &a.guesses;
+    let ok = answers.is_some_and(|p| p.p99 <= MAX_P99_UNDER_ATTACK) && a.load.refused == 0;
+    let rss_ok = a.rss_ingress_kib.is_some_and(|k| k <= MAX_RSS_KIB);
+    vec![
+        Row {
+            what: format!(
+                "herald-ingress under attack: cached clients' POST → 202 at {} req/s for {:.0} s, while {} wrong guesses \
+                 arrive ({} at a time, {} addresses, unknown users), relay stopped",
+                crate::ATTACK_RATE,
+                crate::ATTACK_TIME.as_secs_f64(),
+                crate::ATTACK_GUESSES,
+                crate::ATTACK_CONCURRENCY,
+                crate::ATTACK_ADDRESSES
+            ),
+            result: format!(
+                "{} ({} accepted, {} refused; guesses: {} answered 401, {} turned away with 429/503, {} other, in {:.1} s)",
+                summary(answers),
+                a.load.accepted.len(),
+                a.load.refused,
+                g.refused,
+                g.turned_away,
+                g.other,
+                g.elapsed.as_secs_f64()
+            ),
+            ceiling: String::new(),
+            ratio: String::new(),
+            target: format!("p99 ≤ {} ms, none refused", MAX_P99_UNDER_ATTACK.as_millis()),
+            verdict: verdict(ok),
+        },
+        Row {
+            what: "peak RSS (VmHWM) herald-ingress, at the end of the attack".into(),
+            result: a.rss_ingress_kib.map_or_else(|| "n/a".into(), |k| format!("**{:.1} MiB**", k as f64 / 1024.0)),
+            ceiling: String::new(),
+            ratio: String::new(),
+            target: format!("≤ {} MiB", MAX_RSS_KIB / 1024),
+            verdict: verdict(rss_ok),
+        },
     ]
 }
 
