@@ -340,8 +340,8 @@ mod tests {
 pub struct BrokerArgs {
     /// RabbitMQ URL (amqp:// or amqps://), or a comma-separated list of a
     /// cluster's nodes: whole URLs, or `host:port` entries that take the
-    /// first URL's credentials and vhost. Default:
-    /// amqp://guest:guest@127.0.0.1:5672/%2f (the local broker).
+    /// first URL's credentials and vhost. Default: the local broker
+    /// (127.0.0.1:5672, vhost /, RabbitMQ's default user).
     #[arg(long, env = "HERALD_AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true, hide_default_value = true)]
     pub amqp_url: String,
     /// File holding the RabbitMQ URL or list (e.g. a mounted Secret);

@@ -93,6 +93,12 @@ fn help_documents_every_setting() {
         "HERALD_AUTH_CACHE_SECONDS",
         "HERALD_AMQP_URL_FILE",
         "HERALD_LOGIN_FAILURES",
+        "HERALD_AUTH_CONCURRENCY",
+        "HERALD_AUTH_QUEUE",
+        "HERALD_AUTH_QUEUE_TIMEOUT",
+        "HERALD_HTTP_HEADER_TIMEOUT",
+        "HERALD_HTTP_BODY_TIMEOUT",
+        "HERALD_HTTP_MAX_CONNECTIONS",
         "hash-password",
         "healthcheck",
     ] {
@@ -109,6 +115,8 @@ fn help_documents_every_setting() {
         "HERALD_ACK_TIMEOUT",
         "HERALD_ONLINE_TIMEOUT",
         "HERALD_DRAIN_TIMEOUT",
+        "HERALD_UNKNOWN_SENDER_GRACE",
+        "HERALD_INSTANCE",
         "healthcheck",
         "dead",
     ] {
