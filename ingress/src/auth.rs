@@ -60,6 +60,24 @@ pub struct Authenticator {
     admission: Admission,
     verifier: Verifier,
     metrics: Arc<Metrics>,
+    /// Uncached checks running, by credentials: the same credentials
+    /// arriving on many connections at once (a client starting up) wait
+    /// for one check instead of each running argon2.
+    checking: Mutex<HashMap<CacheKey, tokio::sync::watch::Receiver<()>>>,
+}
+
+/// One uncached check of some credentials; dropping it wakes the requests
+/// with the same credentials that wait for it.
+struct Checking {
+    auth: Arc<Authenticator>,
+    key: CacheKey,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        self.auth.checking.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.key);
+    }
 }
 
 /// The user a request authenticated as: an extractor that runs before the
@@ -93,6 +111,7 @@ impl Authenticator {
             admission,
             verifier,
             metrics,
+            checking: Mutex::new(HashMap::new()),
         }
     }
 
@@ -111,6 +130,21 @@ impl Authenticator {
         if self.cached(&key, &jid) {
             return self.users.get(&jid).cloned().ok_or(Error::Unauthorized);
         }
+        // The same credentials are being checked already: wait for that
+        // check, then for the cache (same password, same answer).
+        let checking = match self.begin_check(key) {
+            Ok(checking) => checking,
+            Err(mut done) => {
+                let wait = async { while done.changed().await.is_ok() {} };
+                if tokio::time::timeout(self.admission.retry_after(), wait).await.is_err() {
+                    return Err(Error::Overloaded(self.admission.retry_after().as_secs()));
+                }
+                return match self.cached(&key, &jid) {
+                    true => self.users.get(&jid).cloned().ok_or(Error::Unauthorized),
+                    false => Err(Error::Unauthorized),
+                };
+            }
+        };
         let account = jid.to_string();
         self.refuse_if_throttled(client, &account)?;
         let pressured = self.throttle.under_pressure(&account);
@@ -133,6 +167,7 @@ impl Authenticator {
         let checked_jid = jid.clone();
         let ok = tokio::task::spawn_blocking(move || {
             let _slot = slot;
+            let _checking = checking;
             let _running = this.metrics.password_check();
             this.check_password(client, checked_jid, &account, &password, key)
         })
@@ -142,6 +177,20 @@ impl Authenticator {
             Some(user) if ok => Ok(user.clone()),
             _ => Err(Error::Unauthorized),
         }
+    }
+
+    /// Registers an uncached check of `key`, or returns what to wait on if
+    /// one is running.
+    /// Without a cache (a zero TTL) a waiter could not learn the outcome:
+    /// every request checks for itself.
+    fn begin_check(self: &Arc<Self>, key: CacheKey) -> Result<Checking, tokio::sync::watch::Receiver<()>> {
+        let mut checking = self.checking.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(done) = checking.get(&key).filter(|_| !self.ttl.is_zero()) {
+            return Err(done.clone());
+        }
+        let (done, waiting) = tokio::sync::watch::channel(());
+        checking.insert(key, waiting);
+        Ok(Checking { auth: Arc::clone(self), key, _done: done })
     }
 
     fn refuse_if_throttled(&self, client: IpAddr, account: &str) -> Result<(), Error> {
@@ -293,6 +342,20 @@ mod tests {
             assert!(matches!(auth.authenticate(&h, CLIENT).await, Err(Error::Unauthorized)));
         }
         assert!(auth.cache.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_same_credentials_at_once_cost_one_check() {
+        let auth = authenticator(Duration::from_secs(60));
+        let logins = (0..20).map(|_| {
+            let auth = Arc::clone(&auth);
+            async move { auth.authenticate(&basic("a@example.com", "s3cret:with colon"), CLIENT).await }
+        });
+        for login in futures::future::join_all(logins).await {
+            login.expect("every one logs in");
+        }
+        assert_eq!(auth.metrics.password_checks_peak.get(), 1, "one argon2 check for all twenty");
+        assert!(auth.checking.lock().expect("lock").is_empty());
     }
 
     #[tokio::test]

@@ -106,10 +106,11 @@ pub struct Config {
     #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "20s", value_parser = at_least::<1000>)]
     pub drain_timeout: Duration,
 
-    /// How long this relay remembers the ids of the jobs it delivered (at
-    /// most 65,536 of them), and sends none of them twice: a copy the
-    /// broker redelivers, or one posted again with the same
-    /// Idempotency-Key, is acked without being sent. 0s remembers nothing.
+    /// How long this relay remembers the ids of the idempotent jobs it
+    /// delivered (posted with an Idempotency-Key, or notifications; at most
+    /// 65,536 of them), and sends none of them twice: a later copy is acked
+    /// without being sent. 0s remembers nothing. (A copy of any job that
+    /// arrives while the job is in flight waits for that attempt.)
     #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
     pub idempotency_window: Duration,
 

@@ -111,7 +111,7 @@ async fn an_alert_resolving_in_a_firing_group_and_a_second_route_are_new_notific
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_relay_sends_a_job_once_even_when_queued_twice() {
+async fn the_relay_sends_an_idempotent_job_once_even_when_queued_twice() {
     let stack = Stack::start(StackOptions::default()).await;
     let oncall = stack.prosody.register("oncall");
     let mut rx = Receiver::connect(&stack.prosody, &oncall).await;
@@ -125,8 +125,9 @@ async fn the_relay_sends_a_job_once_even_when_queued_twice() {
     let idempotent = job("from two replicas").with_id(herald_shared::job::idempotent_id(&from, "k", &to));
     stack.broker.publish_job(&idempotent, true).await;
     stack.broker.publish_job(&idempotent, true).await;
-    // Without the mark too: a job id is sent once by a relay within its
-    // window, however many copies the queue holds.
+    // Without the mark, a copy that comes after the first was delivered is
+    // sent again (at least once); only a copy that arrives while the first
+    // is in flight waits and is dropped.
     let plain = job("plain");
     stack.broker.publish_job(&plain, false).await;
     stack.broker.publish_job(&plain, false).await;
@@ -136,6 +137,8 @@ async fn the_relay_sends_a_job_once_even_when_queued_twice() {
         got.push(m.body);
     }
     got.sort();
-    assert_eq!(got, ["from two replicas", "plain"]);
+    assert!(got.len() == 2 || got.len() == 3, "{got:?}");
+    assert_eq!(got.iter().filter(|b| *b == "from two replicas").count(), 1, "the idempotent job once: {got:?}");
+    assert!(got.contains(&"plain".to_owned()), "{got:?}");
     stack.stop().await;
 }

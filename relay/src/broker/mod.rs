@@ -89,6 +89,7 @@ impl Worker {
             data: &delivery.data,
             attempts: properties::header_u32(properties, headers::ATTEMPT),
             timestamp: *properties.timestamp(),
+            idempotent: properties::has_header(properties, headers::IDEMPOTENT),
         };
         let settlement = self.delivery.settle(incoming).await;
         if settlement == Settlement::Ack {

@@ -92,6 +92,11 @@ pub fn header(p: &BasicProperties, name: &str) -> Option<AMQPValue> {
     p.headers().as_ref().and_then(|h| h.inner().get(&ShortString::from(name)).cloned())
 }
 
+/// Whether the header is there at all.
+pub fn has_header(p: &BasicProperties, name: &str) -> bool {
+    p.headers().as_ref().is_some_and(|h| h.inner().contains_key(&ShortString::from(name)))
+}
+
 /// A header as a count: 0 when missing or not a number, clamped to `u32`.
 pub fn header_u32(p: &BasicProperties, name: &str) -> u32 {
     header(p, name).and_then(as_u64).map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX))

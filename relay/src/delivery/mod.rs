@@ -48,6 +48,9 @@ pub struct Incoming<'a> {
     pub attempts: u32,
     /// The AMQP timestamp of the original publish.
     pub timestamp: Option<u64>,
+    /// Its id came from an idempotency key (`x-herald-idempotent`): the
+    /// relay remembers it once delivered.
+    pub idempotent: bool,
 }
 
 /// A job the XMPP server had acknowledged, then bounced by its recipient
@@ -164,7 +167,7 @@ impl Delivery {
         };
         match outcome {
             Ok(()) => {
-                claim.delivered();
+                claim.delivered(incoming.idempotent);
                 tracing::debug!(%id, "delivered");
                 self.metrics.count(Outcome::Delivered);
                 let millis = now_ms().saturating_sub(accepted_at_ms);

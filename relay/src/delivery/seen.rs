@@ -1,17 +1,20 @@
 //! The relay's memory of the jobs it is delivering and has delivered, so
-//! that no job is sent twice by this process:
+//! that no copy of a job is sent while it is in flight:
 //!
-//! - A job being delivered is *claimed*. Another copy of it (the broker
-//!   redelivering it after a lost channel while the first attempt still
-//!   runs, or a duplicate in the queue) waits for the claim to end instead
-//!   of being acked blindly: if the first attempt delivered it, the copy is
-//!   a duplicate; if it failed, the copy takes over. A claim ends when it
-//!   is dropped, so a panicking attempt releases it too.
-//! - A delivered job's id is remembered for the idempotency window (and at
-//!   most [`CAPACITY`] ids), so a copy that arrives later is acked without
-//!   being sent. Per relay process: another replica, or this one after a
-//!   restart, does not know them (the stanza id is the job id, so a client
-//!   can still drop the repeat).
+//! - A job being delivered is *claimed*, whatever the job. Another copy of
+//!   it (the broker redelivering it after a lost channel while the first
+//!   attempt still runs, or a duplicate in the queue) waits for the claim to
+//!   end instead of being acked blindly: if the first attempt delivered it,
+//!   the copy is a duplicate; if it failed, the copy takes over. A claim
+//!   ends when it is dropped, so a panicking attempt releases it too.
+//! - An idempotent job's id (posted with an `Idempotency-Key`, or a
+//!   notification) is remembered for the idempotency window once delivered
+//!   (at most [`CAPACITY`] ids), so a copy that arrives later is acked
+//!   without being sent. Other ids are not kept past their claim: at
+//!   thousands of jobs a second that memory would be the relay's largest.
+//!   Per relay process: another replica, or this one after a restart, does
+//!   not know them (the stanza id is the job id, so a client can still drop
+//!   the repeat).
 
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
@@ -26,8 +29,9 @@ pub const CAPACITY: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct Seen {
     delivered: Recently<Uuid, ()>,
-    /// Claims in force; the receiver wakes when its claim ends.
-    claims: Mutex<HashMap<Uuid, watch::Receiver<()>>>,
+    /// Claims in force; the receiver wakes when its claim ends, and reads
+    /// `true` if the job was delivered.
+    claims: Mutex<HashMap<Uuid, watch::Receiver<bool>>>,
 }
 
 /// What `claim` found.
@@ -46,14 +50,17 @@ pub struct Claim<'a> {
     seen: &'a Seen,
     id: Uuid,
     /// Dropped with the claim, which wakes the copies waiting for it.
-    _ended: watch::Sender<()>,
+    ended: watch::Sender<bool>,
 }
 
 impl Claim<'_> {
-    /// The job was delivered: copies waiting for this claim, and later
-    /// ones within the window, are duplicates.
-    pub fn delivered(self) {
-        self.seen.delivered.insert(self.id, ());
+    /// The job was delivered: copies waiting for this claim are duplicates,
+    /// and so are later ones within the window if it is `idempotent`.
+    pub fn delivered(self, idempotent: bool) {
+        if idempotent {
+            self.seen.delivered.insert(self.id, ());
+        }
+        self.ended.send_replace(true);
     }
 }
 
@@ -68,7 +75,7 @@ impl Seen {
         Self { delivered: Recently::new(window, CAPACITY), claims: Mutex::new(HashMap::new()) }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Receiver<()>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Receiver<bool>>> {
         // A panic while holding this lock leaves consistent data behind.
         self.claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -86,14 +93,17 @@ impl Seen {
                 match claims.get(&id) {
                     Some(ended) => ended.clone(),
                     None => {
-                        let (tx, rx) = watch::channel(());
+                        let (tx, rx) = watch::channel(false);
                         claims.insert(id, rx);
-                        return Claimed::New(Claim { seen: self, id, _ended: tx });
+                        return Claimed::New(Claim { seen: self, id, ended: tx });
                     }
                 }
             };
             // Err once the sender is dropped: the claim ended.
             while ended.changed().await.is_ok() {}
+            if *ended.borrow() {
+                return Claimed::Delivered;
+            }
         }
     }
 
@@ -124,9 +134,23 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!copy.is_finished(), "the copy waits while the first attempt runs");
-        claim.delivered();
+        claim.delivered(true);
         assert!(copy.await.expect("task"), "delivered: the copy is a duplicate");
         assert!(matches!(seen.claim(id(1)).await, Claimed::Delivered), "and so is a later one");
+    }
+
+    #[tokio::test]
+    async fn a_plain_job_is_a_duplicate_while_claimed_and_forgotten_after() {
+        let seen = Arc::new(Seen::new(Duration::from_secs(60)));
+        let Claimed::New(claim) = seen.claim(id(2)).await else { panic!("first claim") };
+        let copy = tokio::spawn({
+            let seen = Arc::clone(&seen);
+            async move { matches!(seen.claim(id(2)).await, Claimed::Delivered) }
+        });
+        tokio::task::yield_now().await;
+        claim.delivered(false);
+        assert!(copy.await.expect("task"), "the copy that waited is a duplicate");
+        assert!(matches!(seen.claim(id(2)).await, Claimed::New(_)), "a later copy is sent: nothing kept");
     }
 
     #[tokio::test]
@@ -137,7 +161,7 @@ mod tests {
             let seen = Arc::clone(&seen);
             async move {
                 let Claimed::New(claim) = seen.claim(id(1)).await else { return false };
-                claim.delivered();
+                claim.delivered(true);
                 true
             }
         });
@@ -164,7 +188,7 @@ mod tests {
     async fn a_forgotten_id_is_sent_again() {
         let seen = Seen::new(Duration::from_secs(60));
         let Claimed::New(claim) = seen.claim(id(1)).await else { panic!("first claim") };
-        claim.delivered();
+        claim.delivered(true);
         seen.forget(id(1));
         assert!(matches!(seen.claim(id(1)).await, Claimed::New(_)));
     }
@@ -174,7 +198,7 @@ mod tests {
         let seen = Seen::new(Duration::from_secs(3600));
         for n in 0..=CAPACITY as u128 {
             let Claimed::New(claim) = seen.claim(id(n)).await else { panic!("new") };
-            claim.delivered();
+            claim.delivered(true);
         }
         assert!(matches!(seen.claim(id(1)).await, Claimed::Delivered), "all but the oldest are remembered");
         assert!(matches!(seen.claim(id(0)).await, Claimed::New(_)), "the oldest was forgotten");
