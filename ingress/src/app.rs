@@ -45,6 +45,15 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, Error> {
         let users_file =
             config.users_file.as_deref().ok_or_else(|| Error::Config("HERALD_USERS_FILE is required".into()))?;
+        if config.max_body_bytes.saturating_add(herald_shared::job::XML_ENVELOPE) > config.max_stanza_bytes {
+            return Err(Error::Config(format!(
+                "HERALD_MAX_BODY_BYTES ({}) leaves no room for the stanza around the body within \
+                 HERALD_MAX_STANZA_BYTES ({}): lower the first or raise the second (at least {} more)",
+                config.max_body_bytes,
+                config.max_stanza_bytes,
+                herald_shared::job::XML_ENVELOPE
+            )));
+        }
         let users = Users::load(users_file)?;
         if users.is_empty() {
             tracing::warn!(file = %users_file.display(), "the users file lists no users: every request will get 401");
@@ -86,6 +95,7 @@ impl Application {
             templates,
             idempotency: Arc::new(crate::idempotency::Accepted::new(config.idempotency_window)),
             body_timeout: config.http_body_timeout,
+            max_stanza_bytes: config.max_stanza_bytes,
         };
         let limits =
             Limits { header_timeout: config.http_header_timeout, max_connections: config.http_max_connections };

@@ -50,9 +50,18 @@ pub struct Config {
     #[arg(long, env = "HERALD_USERS_FILE", required = true)]
     pub users_file: Option<PathBuf>,
 
-    /// Largest message body accepted, in bytes (larger: 413).
+    /// Largest message body accepted, in bytes as XML text (larger: 413).
+    /// Must leave room for the stanza around it within
+    /// HERALD_MAX_STANZA_BYTES (checked at start-up).
     #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
+
+    /// The XMPP server's stanza size limit, the same value the relay has
+    /// (Prosody's c2s_stanza_size_limit): a message whose stanza could be
+    /// larger is refused with 413 (a notification is cut to fit), instead
+    /// of being accepted and then parked by the relay.
+    #[arg(long, env = "HERALD_MAX_STANZA_BYTES", default_value_t = herald_shared::job::DEFAULT_MAX_STANZA_BYTES, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(4096..), |v| v as usize))]
+    pub max_stanza_bytes: usize,
 
     /// Failed logins allowed per client address (IPv6: per /64) and per
     /// (account, address) before each further one doubles that client's

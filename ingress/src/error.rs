@@ -25,6 +25,8 @@ pub enum Error {
     TooLarge(String),
     #[error("no such route")]
     NotFound,
+    #[error("this route takes POST")]
+    MethodNotAllowed,
     /// Too many failed logins from this client (its address, or its own
     /// tries of this account).
     #[error("too many failed logins from this client; retry in {0} s")]
@@ -89,6 +91,7 @@ impl Error {
             Error::Invalid(ValidationError::BodyTooLong { .. }) | Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooManyAttempts(_) | Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Unavailable(_) | Error::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -107,6 +110,7 @@ impl Error {
             Error::Invalid(ValidationError::BodyTooLong { .. }) | Error::TooLarge(_) => "too-large",
             Error::Invalid(_) => "invalid-message",
             Error::NotFound => "not-found",
+            Error::MethodNotAllowed => "method-not-allowed",
             Error::TooManyAttempts(_) => "too-many-failed-logins",
             Error::RateLimited(_) => "rate-limited",
             Error::Forbidden(_) => "forbidden-recipient",

@@ -21,6 +21,10 @@ pub struct RawMessage {
     pub body: Option<String>,
     pub subject: Option<String>,
     pub thread: Option<String>,
+    /// Set by the ingress, never by a client: the body may be cut to fit
+    /// the stanza limit (a rendered notification) rather than refused.
+    #[serde(skip)]
+    pub cut_to_fit: bool,
 }
 
 impl RawMessage {
@@ -32,6 +36,7 @@ impl RawMessage {
             body: self.body.or(other.body),
             subject: self.subject.or(other.subject),
             thread: self.thread.or(other.thread),
+            cut_to_fit: self.cut_to_fit || other.cut_to_fit,
         }
     }
 }

@@ -10,10 +10,7 @@ use std::{
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{
-        DefaultBodyLimit, FromRequest, Path, Request, State,
-        rejection::{BytesRejection, PathRejection},
-    },
+    extract::{Path, Request, State, rejection::PathRejection},
     http::{HeaderMap, StatusCode, Uri, header},
     middleware,
     response::{IntoResponse, Response},
@@ -59,26 +56,32 @@ pub struct AppState {
     pub idempotency: Arc<idempotency::Accepted>,
     /// How long a client may take to send a request's body.
     pub body_timeout: Duration,
+    /// The XMPP server's stanza limit, as the relay has it.
+    pub max_stanza_bytes: usize,
 }
 
 /// The HTTP API. Requests need a `ConnectInfo<SocketAddr>` extension (the
 /// server adds it), for throttling by client address.
 pub fn router(state: AppState) -> Router {
-    let body_limit = state.max_body_bytes.saturating_mul(ENVELOPE_FACTOR).saturating_add(ENVELOPE_EXTRA_BYTES);
     Router::new()
         .route("/msg", post(msg))
         .route("/msg/{to}", post(msg))
-        .layer(DefaultBodyLimit::max(body_limit))
-        // A notification carries many alerts; what it renders to is cut
-        // to the message limit, not refused.
         .route("/alertmanager", post(alertmanager))
         .route("/alertmanager/{to}", post(alertmanager))
         .route("/grafana", post(grafana))
         .route("/grafana/{to}", post(grafana))
-        .layer(DefaultBodyLimit::max(NOTIFICATION_BODY_LIMIT.max(body_limit)))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::count_requests))
         .with_state(state)
+}
+
+/// The largest request body a message route reads: the message limit, and
+/// room for its form or JSON encoding. A notification carries many alerts
+/// (`NOTIFICATION_BODY_LIMIT`); what it renders to is cut to the message
+/// limit, not refused.
+fn message_body_limit(max_body_bytes: usize) -> usize {
+    max_body_bytes.saturating_mul(ENVELOPE_FACTOR).saturating_add(ENVELOPE_EXTRA_BYTES)
 }
 
 /// The 202 answer: one entry per job.
@@ -134,6 +137,12 @@ async fn not_found() -> Error {
     Error::NotFound
 }
 
+/// A route asked with another method: a problem document (axum adds the
+/// `Allow` header).
+async fn method_not_allowed() -> Error {
+    Error::MethodNotAllowed
+}
+
 async fn accept(
     state: &AppState,
     user: &User,
@@ -142,7 +151,7 @@ async fn accept(
     headers: &HeaderMap,
     request: Request,
 ) -> Result<Response, Error> {
-    let body = read_body(request, state.body_timeout).await?;
+    let body = read_body(request, message_body_limit(state.max_body_bytes), state.body_timeout).await?;
     let key = idempotency::key_from(headers)?;
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
     let mut raw = payload::parse(content_type, &body, payload::parse_query(uri.query())?)?;
@@ -166,7 +175,8 @@ async fn notification(
 ) -> Result<Response, Error> {
     let Authenticated(user) = user?;
     let path_to = path_recipient(path_to)?;
-    let body = read_body(request, state.body_timeout).await?;
+    let limit = NOTIFICATION_BODY_LIMIT.max(message_body_limit(state.max_body_bytes));
+    let body = read_body(request, limit, state.body_timeout).await?;
     let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("invalid"));
     if !content_type.is_some_and(|ct| {
         ct.parse::<mime::Mime>().is_ok_and(|m| m.essence_str() == mime::APPLICATION_JSON.essence_str())
@@ -184,6 +194,7 @@ async fn notification(
     // A control character in someone's annotation must not lose the alert.
     let text = herald_shared::domain::xml_safe(&rendered.text).into_owned();
     raw.body = Some(alerts::fit(text, state.max_body_bytes));
+    raw.cut_to_fit = true;
     enqueue(state, &user, raw, key).await
 }
 
@@ -191,7 +202,9 @@ async fn notification(
 /// and answers 202 once the broker confirmed every one. With an
 /// idempotency key, a repeat within the window gets the first answer.
 async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<String>) -> Result<Response, Error> {
-    let mut jobs = build_jobs(user, raw, state.max_body_bytes)?;
+    let cut_to_fit = raw.cut_to_fit;
+    let jobs = build_jobs(user, raw, state.max_body_bytes)?;
+    let mut jobs = fit_stanza(jobs, state.max_stanza_bytes, cut_to_fit)?;
     let recipients: Vec<String> = jobs.iter().map(job_recipient).collect();
     if let Some(jobs) = key.as_deref().and_then(|key| state.idempotency.get(&user.jid, key, &recipients)) {
         tracing::debug!(user = %user.jid, "repeated idempotency key: the first answer, nothing published");
@@ -242,23 +255,65 @@ fn job_to(job: &Job) -> &Recipient {
     }
 }
 
+/// How much of an oversized body is read and dropped before the 413, so
+/// that a client still sending it (one that did not ask for
+/// `Expect: 100-continue`) reads the answer instead of a reset connection.
+const DRAIN_BYTES: usize = 4 * 1024 * 1024;
+
 /// The body, read only once the request is authenticated (so an anonymous
-/// client cannot make the ingress buffer its uploads), within the route's
-/// `DefaultBodyLimit`.
-/// A client that stops sending its body gets 408 once `timeout` has passed
-/// since the body was first asked for.
-async fn read_body(request: Request, timeout: Duration) -> Result<Bytes, Error> {
-    match tokio::time::timeout(timeout, Bytes::from_request(request, &())).await {
-        Ok(body) => body.map_err(body_rejection),
-        Err(_) => Err(Error::RequestTimeout(timeout.as_secs().max(1))),
+/// client cannot make the ingress buffer its uploads), up to `limit` bytes.
+/// An oversized body is refused with 413 after reading (and dropping) up to
+/// `DRAIN_BYTES` more of it; a client that stops sending gets 408 once
+/// `timeout` has passed since the body was first asked for.
+async fn read_body(request: Request, limit: usize, timeout: Duration) -> Result<Bytes, Error> {
+    use futures::StreamExt;
+    let too_large = || Error::TooLarge(format!("the request body is over the limit of {limit} bytes"));
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit.saturating_add(DRAIN_BYTES)) {
+        return Err(too_large());
     }
+    let mut stream = request.into_body().into_data_stream();
+    let read = async {
+        let mut body = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Error::Malformed(format!("cannot read the request body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                let mut read = body.len() + chunk.len();
+                drop(body);
+                while read <= limit.saturating_add(DRAIN_BYTES) {
+                    match stream.next().await {
+                        Some(Ok(chunk)) => read += chunk.len(),
+                        _ => break,
+                    }
+                }
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(body))
+    };
+    tokio::time::timeout(timeout, read).await.unwrap_or(Err(Error::RequestTimeout(timeout.as_secs().max(1))))
 }
 
-fn body_rejection(e: BytesRejection) -> Error {
-    match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(format!("request body exceeds the limit: {}", e.body_text())),
-        _ => Error::Malformed(e.body_text()),
+/// Checks that every job's stanza fits the XMPP server's limit, which the
+/// relay would otherwise park the job over after its 202. A notification's
+/// shared body is cut instead, as far as the largest job needs.
+fn fit_stanza(jobs: Vec<Job>, max: usize, cut: bool) -> Result<Vec<Job>, Error> {
+    let largest = jobs.iter().map(Job::xml_size).max().unwrap_or(0);
+    if largest <= max {
+        return Ok(jobs);
     }
+    let Some(Job::V1(first)) = jobs.first() else { return Ok(jobs) };
+    if !cut {
+        return Err(Error::TooLarge(format!(
+            "the message would be up to {largest} bytes of XML, over the XMPP server's stanza limit of {max} bytes \
+             (HERALD_MAX_STANZA_BYTES)"
+        )));
+    }
+    let body = first.body.as_str();
+    let room = max.saturating_sub(largest - herald_shared::domain::xml_text_len(body));
+    let body = Body::parse(alerts::fit(body.to_owned(), room), body.len())?;
+    Ok(jobs.into_iter().map(|job| job.with_body(body.clone())).collect())
 }
 
 /// The user's allow-list, then their rate limit (a refused request takes
@@ -322,4 +377,82 @@ pub(crate) fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwar
 
 fn job_recipient(job: &Job) -> String {
     job_to(job).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    //! HTTP behaviour that needs no broker: the router, called with
+    //! `oneshot`. The confirm channel is never opened here.
+    use std::net::SocketAddr;
+
+    use axum::{body::Body, extract::ConnectInfo, http::Request};
+    use herald_shared::{Topology, amqp::BrokerUrls};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{admission::Admission, users::Users};
+
+    fn state() -> AppState {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let hash = crate::hash_password::hash("pw").expect("hash");
+        let users =
+            Users::parse(&format!("[[users]]\njid = \"a@example.com\"\npassword_hash = \"{hash}\"\n")).expect("users");
+        let admission = Admission::new(1, 8, Duration::from_secs(2));
+        let urls = BrokerUrls::parse("amqp://127.0.0.1:1/%2f").expect("urls");
+        AppState {
+            auth: Arc::new(Authenticator::new(users, Duration::from_secs(60), 5, admission, Arc::clone(&metrics))),
+            publisher: Arc::new(ConfirmChannel::new(urls, "test", Topology::new("t"), Vec::new())),
+            max_body_bytes: 8 * 1024,
+            metrics,
+            trust_forwarded_for: false,
+            templates: Arc::new(Templates::load(None, None).expect("templates")),
+            idempotency: Arc::new(idempotency::Accepted::new(Duration::from_secs(60))),
+            body_timeout: Duration::from_secs(5),
+            max_stanza_bytes: 4096,
+        }
+    }
+
+    async fn call(mut request: Request<Body>) -> Response {
+        request.extensions_mut().insert(ConnectInfo::<SocketAddr>("192.0.2.1:1234".parse().expect("addr")));
+        router(state()).oneshot(request).await.unwrap_or_else(|e| match e {})
+    }
+
+    fn content_type(response: &Response) -> Option<&str> {
+        response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+    }
+
+    #[tokio::test]
+    async fn a_wrong_method_is_a_problem_document_with_allow() {
+        let response = call(Request::get("/msg/bob").body(Body::empty()).expect("request")).await;
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(content_type(&response), Some("application/problem+json"));
+        assert_eq!(response.headers().get(header::ALLOW).and_then(|v| v.to_str().ok()), Some("POST"));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_route_and_missing_credentials_are_problem_documents() {
+        let response = call(Request::post("/nothing").body(Body::empty()).expect("request")).await;
+        assert_eq!(
+            (response.status(), content_type(&response)),
+            (StatusCode::NOT_FOUND, Some("application/problem+json"))
+        );
+        let response = call(Request::post("/msg/bob").body(Body::from("hi")).expect("request")).await;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(response.headers().contains_key(header::WWW_AUTHENTICATE));
+    }
+
+    #[tokio::test]
+    async fn a_message_whose_stanza_could_not_fit_is_refused_before_the_broker() {
+        use base64::Engine;
+        let credentials = base64::engine::general_purpose::STANDARD.encode("a@example.com:pw");
+        // 900 '<' are 3,600 bytes as XML: within the 8 KiB body limit, but
+        // over a 4,096-byte stanza with its envelope and JIDs.
+        let request = Request::post("/msg/bob")
+            .header(header::AUTHORIZATION, format!("Basic {credentials}"))
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Body::from("<".repeat(900)))
+            .expect("request");
+        assert_eq!(call(request).await.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
 }

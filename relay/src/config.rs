@@ -93,7 +93,7 @@ pub struct Config {
     /// `c2s_stanza_size_limit`, 256 KiB by default): a job whose message
     /// would be larger is parked, since sending it would only make the
     /// server close the stream, again on every retry.
-    #[arg(long, env = "HERALD_MAX_STANZA_BYTES", default_value_t = 256 * 1024, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(4096..), |v| v as usize))]
+    #[arg(long, env = "HERALD_MAX_STANZA_BYTES", default_value_t = herald_shared::job::DEFAULT_MAX_STANZA_BYTES, value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u32).range(4096..), |v| v as usize))]
     pub max_stanza_bytes: usize,
 
     /// How long a job waits for its sender's session to come online before

@@ -73,6 +73,13 @@ impl Job {
         }
     }
 
+    /// The same job with another body (a notification cut to fit).
+    pub fn with_body(self, body: Body) -> Self {
+        match self {
+            Job::V1(job) => Job::V1(JobV1 { body, ..job }),
+        }
+    }
+
     pub fn id(&self) -> Uuid {
         match self {
             Job::V1(job) => job.id,
@@ -83,6 +90,22 @@ impl Job {
         match self {
             Job::V1(job) => &job.from,
         }
+    }
+
+    /// An upper bound of the bytes the job's `<message/>` takes on the
+    /// wire: its text escaped as an XML writer escapes it, its JIDs, and the
+    /// markup around them. The ingress refuses (or cuts to fit) what would
+    /// exceed the XMPP server's stanza limit; the relay parks it.
+    pub fn xml_size(&self) -> usize {
+        let Job::V1(job) = self;
+        let text = |t: Option<&str>| t.map_or(0, crate::domain::xml_text_len);
+        XML_ENVELOPE
+            + crate::domain::xml_text_len(job.body.as_str())
+            + text(job.subject.as_ref().map(|s| s.as_str()))
+            + text(job.thread.as_ref().map(|s| s.as_str()))
+            // Attribute values escape quotes and whitespace too: up to 6 bytes each.
+            + job.to.jid().as_str().len() * 6
+            + job.from.jid().as_str().len() * 6
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -96,6 +119,14 @@ impl Job {
         Ok(serde_json::from_slice(bytes)?)
     }
 }
+
+/// The tags, attribute names, namespace, id and type of a `<message/>`, with
+/// room to spare.
+pub const XML_ENVELOPE: usize = 512;
+
+/// `HERALD_MAX_STANZA_BYTES` when it is not set: Prosody's default
+/// `c2s_stanza_size_limit`.
+pub const DEFAULT_MAX_STANZA_BYTES: usize = 256 * 1024;
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

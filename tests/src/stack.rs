@@ -167,6 +167,7 @@ pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> hera
         broker: broker_args(amqp_url, prefix),
         users_file: Some(users_file),
         max_body_bytes: herald_shared::domain::DEFAULT_MAX_BODY_BYTES,
+        max_stanza_bytes: herald_shared::job::DEFAULT_MAX_STANZA_BYTES,
         auth_cache_seconds: 300,
         login_failures: 5,
         auth_concurrency: 1,

@@ -317,3 +317,28 @@ async fn readiness_flips_while_the_broker_blocks_publishers_and_recovers() {
     assert_eq!(ingress.post(&http).await, 202);
     ingress.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_upload_gets_its_413_even_without_expect_100_continue() {
+    let ingress = Ingress::start(None, |_| {}).await;
+    let credentials = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", ingress.user, ingress.password))
+    };
+    let body = vec![b'x'; 2 * 1024 * 1024];
+    for attempt in 0..5 {
+        let mut stream = TcpStream::connect(format!("127.0.0.1:{}", ingress.port)).await.expect("connect");
+        let head = format!(
+            "POST /msg/oncall HTTP/1.1\r\nHost: herald\r\nAuthorization: Basic {credentials}\r\n\
+             Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        // As Python's http.client does: the whole body, then the answer.
+        stream.write_all(head.as_bytes()).await.expect("write the head");
+        stream.write_all(&body).await.unwrap_or_else(|e| panic!("attempt {attempt}: the upload broke off: {e}"));
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap_or_else(|e| panic!("attempt {attempt}: no answer: {e}"));
+        assert_eq!(&answer, b"HTTP/1.1 413", "attempt {attempt}");
+    }
+    ingress.stop().await;
+}

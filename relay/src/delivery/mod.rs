@@ -187,7 +187,7 @@ impl Delivery {
         let session = self.sessions.get(job.sender()).ok_or_else(|| {
             DeliveryError::NoAccount(format!("this relay holds no XMPP account for sender {}", job.sender()))
         })?;
-        let size = xmpp::stanza::xml_size(job);
+        let size = job.xml_size();
         if size > self.max_stanza_bytes {
             return Err(DeliveryError::Permanent(format!(
                 "the message would be up to {size} bytes of XML, over the XMPP server's stanza limit (HERALD_MAX_STANZA_BYTES = {})",

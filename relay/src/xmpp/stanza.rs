@@ -1,7 +1,6 @@
 //! Job → `<message/>`. xmpp-parsers serialises every field, so text can never
 //! add elements or attributes to the stanza.
 
-use herald_shared::domain::xml_text_len;
 use herald_shared::{Job, MessageKind};
 use xmpp_parsers::message::{Id, Lang, Message, MessageType, Thread};
 
@@ -18,22 +17,6 @@ pub fn message(job: &Job) -> Message {
         message.thread = Some(Thread { parent: None, id: thread.as_str().to_owned() });
     }
     message
-}
-
-/// An upper bound of the bytes `message(job)` takes on the wire: its text
-/// escaped as the writer escapes it, its JIDs, and the markup around them.
-pub fn xml_size(job: &Job) -> usize {
-    /// The tags, attribute names, namespace, id and type, with room to spare.
-    const ENVELOPE: usize = 512;
-    let Job::V1(job) = job;
-    let text = |t: Option<&str>| t.map_or(0, xml_text_len);
-    ENVELOPE
-        + xml_text_len(job.body.as_str())
-        + text(job.subject.as_ref().map(|s| s.as_str()))
-        + text(job.thread.as_ref().map(|s| s.as_str()))
-        // Attribute values escape quotes and whitespace too: up to 6 bytes each.
-        + job.to.jid().as_str().len() * 6
-        + job.from.jid().as_str().len() * 6
 }
 
 const STANZAS_NS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
