@@ -258,7 +258,7 @@ fn job_to(job: &Job) -> &Recipient {
 /// How much of an oversized body is read and dropped before the 413, so
 /// that a client still sending it (one that did not ask for
 /// `Expect: 100-continue`) reads the answer instead of a reset connection.
-const DRAIN_BYTES: usize = 4 * 1024 * 1024;
+const DRAIN_BYTES: usize = 16 * 1024 * 1024;
 
 /// The body, read only once the request is authenticated (so an anonymous
 /// client cannot make the ingress buffer its uploads), up to `limit` bytes.

@@ -325,7 +325,7 @@ async fn an_oversized_upload_gets_its_413_even_without_expect_100_continue() {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", ingress.user, ingress.password))
     };
-    let body = vec![b'x'; 2 * 1024 * 1024];
+    let body = vec![b'x'; 12 * 1024 * 1024];
     for attempt in 0..5 {
         let mut stream = TcpStream::connect(format!("127.0.0.1:{}", ingress.port)).await.expect("connect");
         let head = format!(
