@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
 #[command(name = "herald-ingress", version, about = "Herald's HTTP ingress: POST /msg → RabbitMQ")]
+#[command(after_help = herald_shared::telemetry::ENVIRONMENT_HELP)]
 #[command(subcommand_negates_reqs = true)]
 pub struct Cli {
     #[command(subcommand)]
@@ -45,8 +46,10 @@ pub struct Config {
     #[command(flatten)]
     pub broker: BrokerArgs,
 
-    /// TOML file of `[[users]]` with `jid`, `password_hash` (argon2id PHC) and
-    /// an optional `from` (sender JID to use instead of `jid`).
+    /// TOML file of `[[users]]` with `jid`, `password_hash` (argon2id PHC
+    /// from `herald-ingress hash-password`), and optionally `from` (the
+    /// sender JID to use instead of `jid`), `allow` (a list of recipients:
+    /// bare JIDs or `*@domain`), `rate` (e.g. "60/min") and `burst`.
     #[arg(long, env = "HERALD_USERS_FILE", required = true)]
     pub users_file: Option<PathBuf>,
 

@@ -13,6 +13,7 @@ use std::time::Duration;
     version,
     about = "Herald's relay: RabbitMQ → XMPP, acked only once the XMPP server acked"
 )]
+#[command(after_help = herald_shared::telemetry::ENVIRONMENT_HELP)]
 #[command(subcommand_negates_reqs = true)]
 pub struct Cli {
     #[command(subcommand)]

@@ -2,6 +2,16 @@
 
 use tracing_subscriber::EnvFilter;
 
+/// The settings both binaries read from the environment only, for their
+/// `--help`.
+pub const ENVIRONMENT_HELP: &str = "\
+Also read from the environment:
+  RUST_LOG            log filter, tracing EnvFilter syntax [default: info; lapin and tokio_xmpp stay off
+                      unless named]
+  HERALD_LOG_FORMAT   json for one JSON object per line [default: text]
+  SSL_CERT_FILE       a PEM file of CA certificates to trust instead of the system store (XMPP TLS, amqps://)
+  SSL_CERT_DIR        a directory of such files";
+
 /// Installs the tracing subscriber: `RUST_LOG` filters (default `info`), and
 /// `HERALD_LOG_FORMAT=json` switches to one JSON object per line.
 pub fn init() {

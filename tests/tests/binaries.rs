@@ -124,3 +124,51 @@ fn help_documents_every_setting() {
     }
     assert!(!ingress.contains("guest:guest") && !relay.contains("guest:guest"), "--help shows no credentials");
 }
+
+/// The README's configuration tables and each binary's `--help` name the
+/// same settings: every variable in a table is in the `--help` of the
+/// binaries the table is for, and every variable a `--help` names is in
+/// the README.
+#[test]
+fn the_readme_and_help_list_the_same_settings() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README");
+    let section = readme.split("## Configuration").nth(1).expect("a Configuration section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let mut tables: Vec<(Vec<&str>, Vec<String>)> = Vec::new();
+    for line in section.lines() {
+        match line {
+            "Both services:" => tables.push((vec!["herald-ingress", "herald-relay"], Vec::new())),
+            "herald-ingress:" => tables.push((vec!["herald-ingress"], Vec::new())),
+            "herald-relay:" => tables.push((vec!["herald-relay"], Vec::new())),
+            row if row.starts_with("| `") => {
+                let first = row.split('|').nth(1).unwrap_or_default();
+                let names = first
+                    .split('`')
+                    .filter(|n| n.starts_with("HERALD_") || n.starts_with("RUST_") || n.starts_with("SSL_"));
+                tables.last_mut().expect("a table after its heading").1.extend(names.map(str::to_owned));
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(tables.len(), 3, "three tables: both services, the ingress, the relay");
+    let help = |name: &str| {
+        let out = Command::new(binaries::path(name)).arg("--help").output().expect("--help");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let helps: std::collections::HashMap<&str, String> =
+        ["herald-ingress", "herald-relay"].into_iter().map(|b| (b, help(b))).collect();
+    for (binaries, names) in &tables {
+        for binary in binaries {
+            for name in names {
+                assert!(helps[binary].contains(name.as_str()), "{binary} --help does not mention {name}");
+            }
+        }
+    }
+    for (binary, text) in &helps {
+        for name in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("HERALD_"))
+        {
+            let listed = tables.iter().any(|(bins, names)| bins.contains(binary) && names.iter().any(|n| n == name));
+            assert!(listed, "{binary} reads {name}, which the README's configuration tables for it leave out");
+        }
+    }
+}
