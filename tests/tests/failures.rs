@@ -215,6 +215,9 @@ async fn a_wrong_password_keeps_the_jobs_reports_not_ready_and_says_why_once() {
     assert_eq!(f.broker.ready(&topology.dead_queue()).await, 0, "nothing parked");
     assert!(rx.next(Duration::from_millis(200)).await.is_none(), "nothing delivered");
     let log = std::fs::read_to_string(f.log("relay")).expect("relay log");
+    // Ten and more failed attempts, summarised: a line per sender every 10 s.
+    let retry_lines = log.lines().filter(|l| l.contains("deliveries failed; retrying")).count();
+    assert!((1..10).contains(&retry_lines), "{retry_lines} retry lines for 10+ retries:\n{log}");
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("XMPP login rejected")).collect();
     assert_eq!(lines.len(), 1, "one clear line, not one per retry:\n{log}");
     assert!(lines[0].contains(&f.sender.jid) && lines[0].contains("password"), "{}", lines[0]);

@@ -313,8 +313,10 @@ impl Worker {
 fn log_settled(id: Option<&str>, settlement: &Settlement, topology: &Topology) {
     match settlement {
         Settlement::Ack => {}
+        // Logged by the delivery stage, summarised per sender: an outage
+        // would otherwise log a line per job per retry.
         Settlement::Retry { delay, attempt, reason } => {
-            tracing::info!(?id, attempt, ?delay, %reason, "delivery failed; will retry");
+            tracing::debug!(?id, attempt, ?delay, %reason, "retry scheduled");
         }
         Settlement::Park { attempts, reason } => {
             tracing::warn!(?id, attempts, %reason, "parking the job in {}", topology.dead_queue());

@@ -10,7 +10,7 @@ pub mod seen;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use herald_shared::{Job, Sender, job::now_ms};
+use herald_shared::{Job, Sender, job::now_ms, telemetry::Repeated};
 use tokio::{
     sync::{Mutex, mpsc},
     task::JoinHandle,
@@ -84,7 +84,13 @@ pub struct Delivery {
     /// Error stanzas from every session.
     bounced: Mutex<mpsc::UnboundedReceiver<Bounce>>,
     metrics: Arc<Metrics>,
+    /// Per sender: its retries are logged once per `RETRY_LOG_INTERVAL`.
+    retry_logs: std::sync::Mutex<HashMap<Sender, Arc<Repeated>>>,
 }
+
+/// A sender's failed attempts are logged at most once in this interval,
+/// with the count.
+const RETRY_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Delivery {
     /// Starts a session for each account; they run until `stop` is
@@ -118,6 +124,7 @@ impl Delivery {
             bounces: Bounces::default(),
             bounced: Mutex::new(bounced),
             metrics,
+            retry_logs: std::sync::Mutex::default(),
         };
         (delivery, tasks)
     }
@@ -178,8 +185,27 @@ impl Delivery {
                 // A copy waiting for this claim may take over from here.
                 drop(claim);
                 let age = Duration::from_millis(now_ms().saturating_sub(accepted_at_ms));
-                self.policy.after(&error, incoming.attempts, age)
+                let settlement = self.policy.after(&error, incoming.attempts, age);
+                if let Settlement::Retry { attempt, .. } = &settlement {
+                    self.log_retry(job.sender(), *attempt, &error);
+                }
+                settlement
             }
+        }
+    }
+
+    /// One line per sender per `RETRY_LOG_INTERVAL`, with how many of its
+    /// attempts failed since the last line and the latest reason.
+    fn log_retry(&self, sender: &Sender, attempt: u32, error: &DeliveryError) {
+        let repeated = {
+            let mut logs = self.retry_logs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if logs.len() > 4096 {
+                logs.clear();
+            }
+            Arc::clone(logs.entry(sender.clone()).or_insert_with(|| Arc::new(Repeated::new(RETRY_LOG_INTERVAL))))
+        };
+        if let Some(failed) = repeated.tick() {
+            tracing::info!(%sender, failed, attempt, %error, "deliveries failed; retrying (one line per sender every 10 s at most)");
         }
     }
 
