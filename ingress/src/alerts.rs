@@ -27,6 +27,14 @@ pub enum Source {
 }
 
 impl Source {
+    /// For messages: "an Alertmanager notification".
+    fn a_notification(self) -> &'static str {
+        match self {
+            Source::Alertmanager => "an Alertmanager notification",
+            Source::Grafana => "a Grafana notification",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Source::Alertmanager => "alertmanager",
@@ -109,9 +117,9 @@ impl Templates {
     /// The message text for a notification posted as `body`.
     pub fn render(&self, source: Source, body: &[u8]) -> Result<Rendered, Error> {
         let payload: serde_json::Value = serde_json::from_slice(body)
-            .map_err(|e| Error::Malformed(format!("cannot parse the {} notification: {e}", source.name())))?;
+            .map_err(|e| Error::Malformed(format!("cannot parse {}: {e}", source.a_notification())))?;
         let shape = Shape::deserialize(&payload)
-            .map_err(|e| Error::Malformed(format!("not a {} notification: {e}", source.name())))?;
+            .map_err(|e| Error::Malformed(format!("not {}: {e}", source.a_notification())))?;
         check(source, &shape)?;
         let by_status = |status: &str| -> Vec<serde_json::Value> {
             payload["alerts"].as_array().into_iter().flatten().filter(|a| a["status"] == status).cloned().collect()
@@ -133,7 +141,7 @@ impl Templates {
 }
 
 fn check(source: Source, shape: &Shape) -> Result<(), Error> {
-    let bad = |what: String| Err(Error::Malformed(format!("not a {} notification: {what}", source.name())));
+    let bad = |what: String| Err(Error::Malformed(format!("not {}: {what}", source.a_notification())));
     if source == Source::Alertmanager && shape.version.as_deref() != Some("4") {
         return bad(format!("version {:?}, expected \"4\"", shape.version));
     }

@@ -129,13 +129,7 @@ impl Application {
 
 /// Ready while a confirm channel is open and the broker does not block it.
 fn broker_readiness(publisher: &ConfirmChannel) -> Result<(), String> {
-    if !publisher.is_open() {
-        return Err("no confirm channel to the broker".into());
-    }
-    if publisher.is_blocked() {
-        return Err("the broker blocks publishing (a memory or disk alarm)".into());
-    }
-    Ok(())
+    publisher.unavailable().map_or(Ok(()), |why| Err(why.to_owned()))
 }
 
 /// Reconnects in the background while the broker is unreachable.

@@ -224,13 +224,10 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
     // that cannot be accepted (a client retrying through an outage would
     // otherwise come out of it rate-limited), and without every request
     // trying to reconnect in turn.
-    if !state.publisher.is_open() {
-        return Err(Error::Unavailable("no confirm channel to the broker".into()));
-    }
     // A blocked connection (a broker alarm) would hold the publish until
-    // the confirm timeout: say so at once.
-    if state.publisher.is_blocked() {
-        return Err(Error::Unavailable("the broker blocks publishing (a memory or disk alarm)".into()));
+    // the confirm timeout: say so at once too.
+    if let Some(why) = state.publisher.unavailable() {
+        return Err(Error::Unavailable(why.into()));
     }
     check_policy(user, &jobs)?;
     // One job per recipient, so that one failing recipient never blocks or
@@ -312,7 +309,7 @@ fn fit_stanza(jobs: Vec<Job>, max: usize, cut: bool) -> Result<Vec<Job>, Error> 
     }
     let body = first.body.as_str();
     let room = max.saturating_sub(largest - herald_shared::domain::xml_text_len(body));
-    let body = Body::parse(alerts::fit(body.to_owned(), room), body.len())?;
+    let body = Body::parse(alerts::fit(body.to_owned(), room), room)?;
     Ok(jobs.into_iter().map(|job| job.with_body(body.clone())).collect())
 }
 
@@ -440,6 +437,29 @@ mod tests {
         let response = call(Request::post("/msg/bob").body(Body::from("hi")).expect("request")).await;
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         assert!(response.headers().contains_key(header::WWW_AUTHENTICATE));
+    }
+
+    #[tokio::test]
+    async fn a_notification_too_large_for_the_stanza_is_cut_not_refused() {
+        use base64::Engine;
+        let credentials = base64::engine::general_purpose::STANDARD.encode("a@example.com:pw");
+        let mut notification: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/alertmanager-firing.json")).expect("fixture");
+        // 6,000 bytes of text: within the 8 KiB body limit, over the 4 KiB
+        // stanza limit with everything around it.
+        notification["alerts"][0]["annotations"]["description"] = "<".repeat(1500).into();
+        let request = Request::post("/alertmanager/bob")
+            .header(header::AUTHORIZATION, format!("Basic {credentials}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(notification.to_string()))
+            .expect("request");
+        let response = call(request).await;
+        // Past validation and the size check: refused only because this
+        // test has no broker.
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), 64 * 1024).await.expect("body");
+        let problem: serde_json::Value = serde_json::from_slice(&body).expect("problem JSON");
+        assert_eq!(problem["type"], "urn:herald:problem:unavailable", "{problem}");
     }
 
     #[tokio::test]

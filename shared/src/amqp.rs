@@ -169,11 +169,19 @@ impl ConfirmChannel {
         self.healthy().is_some()
     }
 
-    /// Whether the broker has blocked this connection's publishes (a memory
-    /// or disk alarm: `connection.blocked`): a publish would wait for the
-    /// alarm to clear.
-    pub fn is_blocked(&self) -> bool {
-        self.healthy().is_some_and(|(connection, _)| connection.status().blocked())
+    /// Why a publish cannot go out now, if it cannot: no open confirm
+    /// channel, or the broker blocks this connection's publishes (a memory
+    /// or disk alarm, `connection.blocked`: a publish would wait for the
+    /// alarm to clear). One look at the channel, for every request.
+    pub fn unavailable(&self) -> Option<&'static str> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner());
+        match current.as_ref().filter(|(c, ch)| c.status().connected() && ch.status().connected()) {
+            None => Some("no confirm channel to the broker"),
+            Some((connection, _)) if connection.status().blocked() => {
+                Some("the broker blocks publishing (a memory or disk alarm)")
+            }
+            Some(_) => None,
+        }
     }
 
     fn healthy(&self) -> Option<(Arc<Connection>, Channel)> {

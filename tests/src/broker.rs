@@ -61,6 +61,21 @@ impl Broker {
         count
     }
 
+    /// Whether the exchange exists (a passive declare, on a channel of its
+    /// own: a missing exchange closes the channel).
+    pub async fn exchange_exists(&self, exchange: &str) -> bool {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let passive = lapin::options::ExchangeDeclareOptions { passive: true, ..Default::default() };
+        let exists = channel
+            .exchange_declare(exchange.into(), lapin::ExchangeKind::Direct, passive, FieldTable::default())
+            .await
+            .is_ok();
+        if channel.status().connected() {
+            drop(channel.close(200, "done".into()).await);
+        }
+        exists
+    }
+
     /// Takes one message from a queue, if there is one.
     pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
         let message = self.channel.basic_get(queue.into(), BasicGetOptions::default()).await.ok()??;

@@ -120,3 +120,21 @@ async fn json_logs_never_show_credentials_even_at_trace() {
     }
     broker.cleanup(&[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_up_that_fails_on_its_configuration_declares_nothing_on_the_broker() {
+    let broker = Broker::connect().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (users, template) = (dir.path().join("users.toml"), dir.path().join("broken.j2"));
+    std::fs::write(&users, user_entry("someone@localhost", "pw", None)).expect("users");
+    std::fs::write(&template, "{% if %}").expect("template");
+    let mut config = herald_tests::stack::ingress_config(&broker.url, &broker.prefix, users);
+    config.alertmanager_template = Some(template);
+    let error = herald_ingress::Application::build(config.clone()).await.expect_err("a broken template stops start-up");
+    assert!(error.to_string().contains("does not compile"), "{error}");
+    config.alertmanager_template = None;
+    config.max_body_bytes = config.max_stanza_bytes;
+    let error = herald_ingress::Application::build(config).await.expect_err("a body limit with no room for the stanza");
+    assert!(error.to_string().contains("HERALD_MAX_STANZA_BYTES"), "{error}");
+    assert!(!broker.exchange_exists(&broker.topology().exchange()).await, "nothing was declared");
+}
