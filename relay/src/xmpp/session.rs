@@ -20,10 +20,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -123,10 +120,23 @@ impl Bounce {
 struct Health {
     /// When the task last turned.
     last_turn: Mutex<Instant>,
-    /// The stream has taken nothing for `ENQUEUE_TIMEOUT`.
-    outbox_stuck: AtomicBool,
-    /// The last job waited out its ack timeout (cleared by the next ack).
-    ack_overdue: AtomicBool,
+    /// When the stream last took nothing for `ENQUEUE_TIMEOUT`; cleared when
+    /// it takes a stanza, stale like `ack_overdue`.
+    outbox_stuck: Mutex<Option<Instant>>,
+    /// When a job last waited out its ack timeout; cleared by the next
+    /// ack, and stale after two ack timeouts without another (a session
+    /// that no job has used since is not reported forever).
+    ack_overdue: Mutex<Option<Instant>>,
+}
+
+/// Sets (`Some(now)`) or clears (`None`) one of `Health`'s marks.
+fn mark(slot: &Mutex<Option<Instant>>, at: Option<Instant>) {
+    *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = at;
+}
+
+/// Whether the mark was set within `within`.
+fn marked_within(slot: &Mutex<Option<Instant>>, within: Duration) -> bool {
+    slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some_and(|at| at.elapsed() < within)
 }
 
 impl Health {
@@ -172,10 +182,10 @@ impl SessionHandle {
         if !self.is_online() {
             return Some(self.offline_reason());
         }
-        if self.health.outbox_stuck.load(Ordering::Relaxed) {
+        if marked_within(&self.health.outbox_stuck, self.ack_timeout * 2) {
             return Some(format!("the XMPP server has taken no stanza for {}s", ENQUEUE_TIMEOUT.as_secs()));
         }
-        if self.health.ack_overdue.load(Ordering::Relaxed) {
+        if marked_within(&self.health.ack_overdue, self.ack_timeout * 2) {
             return Some(format!("the XMPP server acknowledged nothing within {:?}", self.ack_timeout));
         }
         None
@@ -233,12 +243,12 @@ impl SessionHandle {
         match outcome {
             Ok(result) => {
                 if result.is_ok() {
-                    self.health.ack_overdue.store(false, Ordering::Relaxed);
+                    mark(&self.health.ack_overdue, None);
                 }
                 result
             }
             Err(_) => {
-                self.health.ack_overdue.store(true, Ordering::Relaxed);
+                mark(&self.health.ack_overdue, Some(Instant::now()));
                 Err(DeliveryError::Transient(format!("no acknowledgement within {:?}", self.ack_timeout)))
             }
         }
@@ -270,8 +280,8 @@ pub fn spawn(
     let (login_tx, login_rx) = watch::channel(LoginState::Connecting);
     let health = Arc::new(Health {
         last_turn: Mutex::new(Instant::now()),
-        outbox_stuck: AtomicBool::new(false),
-        ack_overdue: AtomicBool::new(false),
+        outbox_stuck: Mutex::new(None),
+        ack_overdue: Mutex::new(None),
     });
     let handle = SessionHandle {
         jid: account.jid.clone(),
@@ -388,7 +398,7 @@ impl Session {
                 }
                 return;
             };
-            self.health.outbox_stuck.store(false, Ordering::Relaxed);
+            mark(&self.health.outbox_stuck, None);
             if let Some(Queued { stanza: Out::Job(_, reply), .. }) = self.outbox.pop_front() {
                 let ping = (!self.stream_management).then(|| self.queue_ping());
                 let _ = reply.send(Ok(InFlight { token, ping }));
@@ -402,7 +412,7 @@ impl Session {
             waiting = self.outbox.len(),
             "the XMPP server has taken no stanza for {ENQUEUE_TIMEOUT:?}; failing the waiting jobs for a retry"
         );
-        self.health.outbox_stuck.store(true, Ordering::Relaxed);
+        mark(&self.health.outbox_stuck, Some(Instant::now()));
         for queued in self.outbox.drain(..) {
             if let Out::Job(_, reply) = queued.stanza {
                 let _ = reply.send(Err(DeliveryError::Transient("the XMPP server is not taking stanzas".into())));
