@@ -41,11 +41,7 @@ impl Blocker {
 
     /// `amqp://…` URL `url` with its host and port replaced by this proxy.
     pub fn amqp_url(&self, url: &str) -> String {
-        let (scheme, rest) = url.split_once("://").expect("URL with scheme");
-        let (authority, path) =
-            rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
-        let credentials = authority.rsplit_once('@').map(|(c, _)| format!("{c}@")).unwrap_or_default();
-        format!("{scheme}://{credentials}127.0.0.1:{}{path}", self.port)
+        crate::proxy::amqp_url_via(url, self.port)
     }
 
     /// Tells every open connection it is blocked (`true`) or unblocked.

@@ -64,11 +64,7 @@ impl Proxy {
 
     /// `amqp://…` URL `url` with its host and port replaced by this proxy.
     pub fn amqp_url(&self, url: &str) -> String {
-        let (scheme, rest) = url.split_once("://").expect("URL with scheme");
-        let (authority, path) =
-            rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
-        let credentials = authority.rsplit_once('@').map(|(c, _)| format!("{c}@")).unwrap_or_default();
-        format!("{scheme}://{credentials}127.0.0.1:{}{path}", self.port)
+        amqp_url_via(url, self.port)
     }
 
     /// Drops every open connection and refuses new ones; returns once
@@ -115,6 +111,14 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// `amqp://…` URL `url` with its host and port replaced by a local proxy's.
+pub fn amqp_url_via(url: &str, port: u16) -> String {
+    let (scheme, rest) = url.split_once("://").expect("URL with scheme");
+    let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, String::new()));
+    let credentials = authority.rsplit_once('@').map(|(c, _)| format!("{c}@")).unwrap_or_default();
+    format!("{scheme}://{credentials}127.0.0.1:{port}{path}")
 }
 
 /// `host:port` of an `amqp://` URL.
