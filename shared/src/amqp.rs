@@ -49,11 +49,26 @@ pub fn url_or_file(url: &str, file: Option<&std::path::Path>) -> std::io::Result
     }
 }
 
+/// The largest AMQP frame Herald asks for, unless the URL sets `frame_max`.
+/// lapin keeps a receive and a send buffer of 32 frames for each connection,
+/// each frame as large as negotiated: at RabbitMQ's default (128 KiB) that
+/// is 8 MiB of resident memory per connection, the largest part of a
+/// relay's. Jobs are a few hundred bytes; a larger one goes in several
+/// frames.
+pub const FRAME_MAX: u32 = 16 * 1024;
+
 /// Opens a connection named after the service, so that it can be told apart
-/// in the management UI.
+/// in the management UI, with `FRAME_MAX` unless the URL sets its own.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties).await
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(mut uri) => {
+            uri.query.frame_max.get_or_insert(FRAME_MAX);
+            Connection::connect_uri(uri, properties).await
+        }
+        // lapin says what is wrong with it.
+        Err(_) => Connection::connect(url, properties).await,
+    }
 }
 
 /// Where the broker is: one URL, or the nodes of a cluster, tried in turn.
