@@ -86,11 +86,7 @@ impl Fixture {
     }
 
     pub async fn ready(&self, port: u16) -> Result<(), String> {
-        let response =
-            self.http.get(format!("http://127.0.0.1:{port}/readyz")).send().await.map_err(|e| e.to_string())?;
-        let ok = response.status() == 200;
-        let text = response.text().await.unwrap_or_default();
-        if ok { Ok(()) } else { Err(text) }
+        crate::admin::readyz(&self.http, &format!("http://127.0.0.1:{port}")).await
     }
 
     pub async fn wait_ready(&self, port: u16) {

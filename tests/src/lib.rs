@@ -3,6 +3,7 @@
 //!
 //! Nothing here sleeps for a fixed time: everything polls with a deadline.
 
+pub mod admin;
 pub mod binaries;
 pub mod blocker;
 pub mod broker;

@@ -15,7 +15,7 @@ use std::{
 };
 
 use herald_tests::{
-    Prosody, Receiver,
+    Prosody, Receiver, admin,
     binaries::{Service, ServiceEnv},
     cluster::Cluster,
     fixture::{HTTP_PASSWORD, report},
@@ -49,8 +49,7 @@ impl Services {
     }
 
     async fn ready(&self, port: u16) -> bool {
-        let response = self.http.get(format!("http://127.0.0.1:{port}/readyz")).send().await;
-        response.is_ok_and(|r| r.status() == 200)
+        admin::readyz(&self.http, &format!("http://127.0.0.1:{port}")).await.is_ok()
     }
 
     async fn wait_ready(&self, port: u16) {
@@ -78,10 +77,8 @@ impl Services {
     }
 
     async fn delivered(&self, admin_port: u16) -> f64 {
-        let url = format!("http://127.0.0.1:{admin_port}/metrics");
-        let text = self.http.get(url).send().await.expect("metrics").text().await.expect("text");
-        let line = text.lines().find(|l| l.starts_with(r#"herald_deliveries_total{outcome="delivered"}"#));
-        line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+        let text = admin::metrics(&self.http, &format!("http://127.0.0.1:{admin_port}")).await;
+        admin::sample(&text, r#"herald_deliveries_total{outcome="delivered"}"#).unwrap_or(0.0)
     }
 }
 

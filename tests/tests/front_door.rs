@@ -7,7 +7,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use herald_tests::{
-    Broker, Stack, StackOptions,
+    Broker, Stack, StackOptions, admin,
     binaries::{Service, ServiceEnv},
     blocker::Blocker,
     poll,
@@ -29,8 +29,7 @@ fn client_from(address: &str) -> reqwest::Client {
 }
 
 async fn sample(http: &reqwest::Client, admin_url: &str, name: &str) -> f64 {
-    let text = http.get(format!("{admin_url}/metrics")).send().await.expect("metrics").text().await.expect("text");
-    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+    admin::sample(&admin::metrics(http, admin_url).await, name).unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -190,10 +189,7 @@ impl Ingress {
     }
 
     async fn ready(&self, http: &reqwest::Client) -> Result<(), String> {
-        let response = http.get(format!("{}/readyz", self.admin)).send().await.map_err(|e| e.to_string())?;
-        let ok = response.status() == 200;
-        let text = response.text().await.unwrap_or_default();
-        if ok { Ok(()) } else { Err(text) }
+        admin::readyz(http, &self.admin).await
     }
 
     async fn stop(self) {

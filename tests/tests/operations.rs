@@ -1,6 +1,7 @@
 //! What operators rely on: the admin listeners (health, readiness,
 //! metrics) and logs that never show credentials.
 
+use herald_tests::admin::sample;
 use herald_tests::binaries::{Service, ServiceEnv};
 use herald_tests::stack::user_entry;
 use herald_tests::{Broker, Prosody, Receiver, Stack, StackOptions, poll};
@@ -12,11 +13,6 @@ async fn get(http: &reqwest::Client, url: &str) -> (u16, String) {
     let response = http.get(url).send().await.expect("admin listener answers");
     let status = response.status().as_u16();
     (status, response.text().await.expect("text"))
-}
-
-/// The value of the first sample line starting with `prefix`.
-fn sample(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread")]
