@@ -67,6 +67,7 @@ impl Application {
             users,
             Duration::from_secs(config.auth_cache_seconds),
             config.login_failures,
+            config.trust_forwarded_for,
             admission,
             Arc::clone(&metrics),
         ));
@@ -91,7 +92,6 @@ impl Application {
             publisher: Arc::clone(&publisher),
             max_body_bytes: config.max_body_bytes,
             metrics: Arc::clone(&metrics),
-            trust_forwarded_for: config.trust_forwarded_for,
             templates,
             idempotency: Arc::new(crate::idempotency::Accepted::new(config.idempotency_window)),
             body_timeout: config.http_body_timeout,

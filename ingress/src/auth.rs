@@ -15,13 +15,13 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use axum::{
-    extract::{ConnectInfo, FromRequestParts},
+    extract::{ConnectInfo, FromRef, FromRequestParts},
     http::{HeaderMap, request::Parts},
 };
 use base64::Engine;
@@ -36,7 +36,6 @@ use crate::{
     error::Error,
     metrics::Metrics,
     password::Verifier,
-    routes::{AppState, client_address},
     throttle::Throttle,
     users::{User, Users},
 };
@@ -54,6 +53,8 @@ type CacheKey = [u8; 64];
 pub struct Authenticator {
     users: Users,
     ttl: Duration,
+    /// Take the client's address from `X-Forwarded-For` (behind a proxy).
+    trust_forwarded_for: bool,
     mac_key: [u8; 32],
     cache: Mutex<HashMap<CacheKey, (Sender, Instant)>>,
     throttle: Throttle,
@@ -85,26 +86,59 @@ impl Drop for Checking {
 #[derive(Debug, Clone)]
 pub struct Authenticated(pub User);
 
-impl FromRequestParts<AppState> for Authenticated {
+impl<S: Send + Sync> FromRequestParts<S> for Authenticated
+where
+    Arc<Authenticator>: FromRef<S>,
+{
     type Rejection = Error;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        let auth = Arc::<Authenticator>::from_ref(state);
         let peer = parts
             .extensions
-            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(peer)| *peer)
             .ok_or_else(|| Error::Internal("no peer address on the request".into()))?;
-        let client = client_address(peer, &parts.headers, state.trust_forwarded_for);
-        state.auth.authenticate(&parts.headers, client).await.map(Authenticated)
+        let client = client_address(peer, &parts.headers, auth.trust_forwarded_for);
+        auth.authenticate(&parts.headers, client).await.map(Authenticated)
     }
 }
 
+/// The client's address: the peer, or behind a trusted proxy the last
+/// address in `X-Forwarded-For` (the one that proxy appended).
+fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
+    let forwarded = trust_forwarded_for
+        .then(|| {
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .next_back()?
+                .to_str()
+                .ok()?
+                .rsplit(',')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .flatten();
+    forwarded.unwrap_or(peer.ip())
+}
+
 impl Authenticator {
-    pub fn new(users: Users, ttl: Duration, free_failures: u32, admission: Admission, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        users: Users,
+        ttl: Duration,
+        free_failures: u32,
+        trust_forwarded_for: bool,
+        admission: Admission,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let verifier = Verifier::new(admission.slots());
         Self {
             users,
             ttl,
+            trust_forwarded_for,
             mac_key: rand::random(),
             cache: Mutex::new(HashMap::new()),
             throttle: Throttle::new(free_failures),
@@ -311,7 +345,7 @@ mod tests {
         let users =
             Users::parse(&format!("[[users]]\njid = \"a@example.com\"\npassword_hash = \"{hash}\"\n")).expect("users");
         let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
-        Arc::new(Authenticator::new(users, ttl, 5, Admission::new(2, 64, Duration::from_secs(10)), metrics))
+        Arc::new(Authenticator::new(users, ttl, 5, false, Admission::new(2, 64, Duration::from_secs(10)), metrics))
     }
 
     fn basic(user: &str, password: &str) -> HeaderMap {

@@ -1,11 +1,7 @@
 //! HTTP handlers: extract, authenticate, validate into a job, publish, map
 //! errors. Nothing else happens here.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -51,7 +47,6 @@ pub struct AppState {
     pub publisher: Arc<ConfirmChannel>,
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
-    pub trust_forwarded_for: bool,
     pub templates: Arc<Templates>,
     pub idempotency: Arc<idempotency::Accepted>,
     /// How long a client may take to send a request's body.
@@ -82,6 +77,12 @@ pub fn router(state: AppState) -> Router {
 /// limit, not refused.
 fn message_body_limit(max_body_bytes: usize) -> usize {
     max_body_bytes.saturating_mul(ENVELOPE_FACTOR).saturating_add(ENVELOPE_EXTRA_BYTES)
+}
+
+impl axum::extract::FromRef<AppState> for Arc<Authenticator> {
+    fn from_ref(state: &AppState) -> Self {
+        Arc::clone(&state.auth)
+    }
 }
 
 /// The 202 answer: one entry per job.
@@ -351,27 +352,6 @@ pub fn build_jobs(user: &User, raw: RawMessage, max_body_bytes: usize) -> Result
         .collect())
 }
 
-/// The client's address: the peer, or behind a trusted proxy the last
-/// address in `X-Forwarded-For` (the one that proxy appended).
-pub(crate) fn client_address(peer: SocketAddr, headers: &HeaderMap, trust_forwarded_for: bool) -> IpAddr {
-    let forwarded = trust_forwarded_for
-        .then(|| {
-            headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .next_back()?
-                .to_str()
-                .ok()?
-                .rsplit(',')
-                .next()?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .flatten();
-    forwarded.unwrap_or(peer.ip())
-}
-
 fn job_recipient(job: &Job) -> String {
     job_to(job).to_string()
 }
@@ -398,11 +378,17 @@ mod tests {
         let admission = Admission::new(1, 8, Duration::from_secs(2));
         let urls = BrokerUrls::parse("amqp://127.0.0.1:1/%2f").expect("urls");
         AppState {
-            auth: Arc::new(Authenticator::new(users, Duration::from_secs(60), 5, admission, Arc::clone(&metrics))),
+            auth: Arc::new(Authenticator::new(
+                users,
+                Duration::from_secs(60),
+                5,
+                false,
+                admission,
+                Arc::clone(&metrics),
+            )),
             publisher: Arc::new(ConfirmChannel::new(urls, "test", Topology::new("t"), Vec::new())),
             max_body_bytes: 8 * 1024,
             metrics,
-            trust_forwarded_for: false,
             templates: Arc::new(Templates::load(None, None).expect("templates")),
             idempotency: Arc::new(idempotency::Accepted::new(Duration::from_secs(60))),
             body_timeout: Duration::from_secs(5),
