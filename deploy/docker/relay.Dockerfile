@@ -4,13 +4,25 @@
 #
 #   docker build -f deploy/docker/relay.Dockerfile -t ghcr.io/herald-xmpp/herald-relay:dev .
 #
+# or, with a binary built on the host (`cargo build --release`) and a build
+# context that holds only that binary (deploy/docker/build-local.sh does
+# this, for machines without a registry):
+#
+#   docker build -f deploy/docker/relay.Dockerfile --build-arg BINARY_FROM=context -t … DIR
+#
 # Stages: `chef` (toolchain + cargo-chef), `planner` (recipe.json: every
 # manifest and Cargo.lock of the workspace, nothing else), `builder`
 # (dependencies built from the recipe in their own layer, then the real
-# sources), and a distroless runtime with the one binary in it.
+# sources), `binary-source` or `binary-context` (where the binary comes from,
+# chosen by BINARY_FROM), and the distroless runtime with the one binary in
+# it. Both ways share the runtime stage: the images differ only in where the
+# binary came from.
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+# "source": build here (the default); "context": take ./herald-relay from
+# the build context.
+ARG BINARY_FROM=source
 
 FROM ${RUST_IMAGE} AS chef
 # cargo-chef computes and cooks the dependency recipe of the workspace
@@ -32,10 +44,18 @@ COPY . .
 RUN cargo build --release --locked -p herald-relay --bin herald-relay \
  && install -D -m 0755 target/release/herald-relay /out/herald-relay
 
+FROM scratch AS binary-source
+COPY --from=builder /out/herald-relay /herald-relay
+
+FROM scratch AS binary-context
+COPY --chmod=0755 herald-relay /herald-relay
+
+FROM binary-${BINARY_FROM} AS binary
+
 # glibc, libgcc and the CA bundle (rustls-native-certs reads
 # /etc/ssl/certs/ca-certificates.crt); no shell, no package manager.
 FROM ${RUNTIME_IMAGE} AS runtime
-COPY --from=builder /out/herald-relay /usr/local/bin/herald-relay
+COPY --from=binary /herald-relay /usr/local/bin/herald-relay
 # distroless "nonroot" is uid/gid 65532; the Kubernetes manifests pin the same.
 USER 65532:65532
 ENV HERALD_ADMIN_LISTEN=0.0.0.0:9091 \

@@ -1,0 +1,105 @@
+//! Logs in to an XMPP server as a recipient and waits for a message: the
+//! check at the end of the container runs (deploy/), which prove that a POST
+//! to the ingress image reached a person through the relay image.
+//!
+//!     SSL_CERT_FILE=ca.pem herald-xmpp-receive --jid bob@localhost --password bob-xmpp-pw \
+//!         --server 127.0.0.1:15222 --expect 'db-7 is down'
+//!
+//! Exits 0 after printing the first message whose body contains `--expect`
+//! (messages the server kept offline arrive at login), 1 if none arrived
+//! within `--timeout`. The connection uses STARTTLS (the CA from
+//! `SSL_CERT_FILE`, as the relay does) unless `--plaintext`.
+
+use clap::Parser;
+use futures::StreamExt;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_xmpp::connect::DnsConfig;
+use tokio_xmpp::parsers::presence::Presence;
+use tokio_xmpp::xmlstream::Timeouts;
+use tokio_xmpp::{Client, Event, Stanza};
+
+#[derive(Parser)]
+#[command(about = "Wait for an XMPP message whose body contains a text")]
+struct Args {
+    /// The recipient's JID.
+    #[arg(long)]
+    jid: String,
+    #[arg(long)]
+    password: String,
+    /// host:port of the server's c2s listener.
+    #[arg(long)]
+    server: String,
+    /// The text the message body must contain (any message if empty).
+    #[arg(long, default_value = "")]
+    expect: String,
+    /// How long to wait, e.g. 60s.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// No TLS (only for a server on loopback that offers none).
+    #[arg(long)]
+    plaintext: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    herald_shared::telemetry::install_crypto_provider();
+    let Some((host, port)) = args.server.rsplit_once(':').and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+    else {
+        eprintln!("--server must be host:port, not {:?}", args.server);
+        return ExitCode::from(2);
+    };
+    let jid: tokio_xmpp::jid::Jid = match args.jid.parse() {
+        Ok(jid) => jid,
+        Err(e) => {
+            eprintln!("--jid {:?}: {e}", args.jid);
+            return ExitCode::from(2);
+        }
+    };
+    let dns = DnsConfig::NoSrv { host, port, resolver: None };
+    let client = if args.plaintext {
+        Client::new_plaintext(jid, args.password, dns, Timeouts::tight())
+    } else {
+        Client::new_starttls(jid, args.password, dns, Timeouts::tight())
+    };
+    match tokio::time::timeout(args.timeout, wait_for(client, &args.expect)).await {
+        Ok(Some((from, body))) => {
+            println!("{} received from {from}: {body}", args.jid);
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!("the connection ended before a message containing {:?} arrived", args.expect);
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("no message containing {:?} arrived within {:?}", args.expect, args.timeout);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Goes online and returns the sender and body of the first message whose
+/// body contains `expect`.
+async fn wait_for(mut client: Client, expect: &str) -> Option<(String, String)> {
+    while let Some(event) = client.next().await {
+        match event {
+            Event::Online { .. } => {
+                if let Err(e) = client.send_stanza(Presence::available().into()).await {
+                    eprintln!("cannot send presence: {e}");
+                }
+            }
+            Event::Stanza(Stanza::Message(message)) => {
+                let from = message.from.as_ref().map(|f| f.to_string()).unwrap_or_default();
+                if let Some(body) = message.bodies.values().find(|b| b.contains(expect)) {
+                    let found = (from, body.clone());
+                    let _ = client.send_end().await;
+                    return Some(found);
+                }
+            }
+            Event::Disconnected(e) => eprintln!("disconnected ({e}); reconnecting"),
+            _ => {}
+        }
+    }
+    None
+}
