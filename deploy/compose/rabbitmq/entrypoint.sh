@@ -19,6 +19,7 @@ conf=/etc/rabbitmq/conf.d/10-herald-image.conf
 
 if [ -n "${RABBITMQ_ERLANG_COOKIE:-}" ]; then
     umask 077
+    rm -f "$HOME/.erlang.cookie"
     printf '%s' "$RABBITMQ_ERLANG_COOKIE" >"$HOME/.erlang.cookie"
 fi
 
