@@ -87,11 +87,14 @@ post() {
     done
 }
 
-# receive SERVER CA TEXT: bob logs in and must get a message containing TEXT.
+# receive SERVER CA TEXT...: bob logs in and must get a message containing
+# each TEXT.
 receive() {
-    printf '  '
-    SSL_CERT_FILE=$2 "$receiver" --jid "$BOB" --password "$BOB_PASSWORD" --server "$1" \
-        --expect "$3" --timeout 60s
+    local server=$1 ca=$2 expect=() text
+    shift 2
+    for text in "$@"; do expect+=(--expect "$text"); done
+    SSL_CERT_FILE=$ca "$receiver" --jid "$BOB" --password "$BOB_PASSWORD" --server "$server" \
+        "${expect[@]}" --timeout 60s | sed 's/^/  /'
 }
 
 # get URL: 200 within 60 s, body on stdout.
@@ -120,8 +123,7 @@ run_compose() {
     post http://127.0.0.1:8081/msg/bob "hello bob, from compose ingress-1"
     post http://127.0.0.1:8082/msg/bob "hello bob, from compose ingress-2"
     "${compose[@]}" exec -T prosody cat /certs/ca.pem >"$work/compose-ca.pem"
-    receive 127.0.0.1:15222 "$work/compose-ca.pem" "from compose ingress-1"
-    receive 127.0.0.1:15222 "$work/compose-ca.pem" "from compose ingress-2"
+    receive 127.0.0.1:15222 "$work/compose-ca.pem" "from compose ingress-1" "from compose ingress-2"
     "${compose[@]}" down -v >"$work/compose-down.log" 2>&1 || { cat "$work/compose-down.log" >&2; die "compose down failed"; }
     say "compose stack: ok"
 }

@@ -5,9 +5,9 @@
 //!     SSL_CERT_FILE=ca.pem herald-xmpp-receive --jid bob@localhost --password bob-xmpp-pw \
 //!         --server 127.0.0.1:15222 --expect 'db-7 is down'
 //!
-//! Exits 0 after printing the first message whose body contains `--expect`
-//! (messages the server kept offline arrive at login), 1 if none arrived
-//! within `--timeout`. The connection uses STARTTLS (the CA from
+//! Exits 0 once, for each `--expect` (repeatable), a message whose body
+//! contains it has arrived and been printed (messages the server kept
+//! offline arrive at login), 1 if not all arrived within `--timeout`. The connection uses STARTTLS (the CA from
 //! `SSL_CERT_FILE`, as the relay does) unless `--plaintext`.
 
 use clap::Parser;
@@ -30,9 +30,10 @@ struct Args {
     /// host:port of the server's c2s listener.
     #[arg(long)]
     server: String,
-    /// The text the message body must contain (any message if empty).
-    #[arg(long, default_value = "")]
-    expect: String,
+    /// A text a message body must contain; repeat for several messages
+    /// (any one message if not given).
+    #[arg(long)]
+    expect: Vec<String>,
     /// How long to wait, e.g. 60s.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -63,25 +64,34 @@ async fn main() -> ExitCode {
     } else {
         Client::new_starttls(jid, args.password, dns, Timeouts::tight())
     };
-    match tokio::time::timeout(args.timeout, wait_for(client, &args.expect)).await {
-        Ok(Some((from, body))) => {
-            println!("{} received from {from}: {body}", args.jid);
-            ExitCode::SUCCESS
+    let mut missing = if args.expect.is_empty() { vec![String::new()] } else { args.expect };
+    let jid = args.jid;
+    let outcome = tokio::time::timeout(args.timeout, async {
+        let mut client = client;
+        while !missing.is_empty() {
+            let Some((from, body)) = next_message(&mut client).await else { break };
+            if let Some(i) = missing.iter().position(|text| body.contains(text.as_str())) {
+                println!("{jid} received from {from}: {body}");
+                missing.swap_remove(i);
+            }
         }
-        Ok(None) => {
-            eprintln!("the connection ended before a message containing {:?} arrived", args.expect);
-            ExitCode::FAILURE
-        }
-        Err(_) => {
-            eprintln!("no message containing {:?} arrived within {:?}", args.expect, args.timeout);
-            ExitCode::FAILURE
-        }
+        let _ = client.send_end().await;
+    })
+    .await;
+    if outcome.is_err() {
+        eprintln!("timed out after {:?}", args.timeout);
+    }
+    if missing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("no message arrived containing {missing:?}");
+        ExitCode::FAILURE
     }
 }
 
-/// Goes online and returns the sender and body of the first message whose
-/// body contains `expect`.
-async fn wait_for(mut client: Client, expect: &str) -> Option<(String, String)> {
+/// The sender and body of the next message with a body; goes online (with
+/// presence, which releases offline messages) whenever connected.
+async fn next_message(client: &mut Client) -> Option<(String, String)> {
     while let Some(event) = client.next().await {
         match event {
             Event::Online { .. } => {
@@ -91,10 +101,8 @@ async fn wait_for(mut client: Client, expect: &str) -> Option<(String, String)> 
             }
             Event::Stanza(Stanza::Message(message)) => {
                 let from = message.from.as_ref().map(|f| f.to_string()).unwrap_or_default();
-                if let Some(body) = message.bodies.values().find(|b| b.contains(expect)) {
-                    let found = (from, body.clone());
-                    let _ = client.send_end().await;
-                    return Some(found);
+                if let Some(body) = message.bodies.values().next() {
+                    return Some((from, body.clone()));
                 }
             }
             Event::Disconnected(e) => eprintln!("disconnected ({e}); reconnecting"),
