@@ -116,9 +116,11 @@ run_compose() {
     else
         compose=(docker compose)
     fi
-    compose+=(-f deploy/compose/compose.yaml)
+    # -p: podman-compose 1.0 ignores the file's `name: herald`.
+    compose+=(-p herald -f deploy/compose/compose.yaml)
     say "compose stack: ${compose[*]} (RabbitMQ image $HERALD_RABBITMQ_IMAGE)"
-    cleanups+=("${compose[*]} down -v")
+    # podman-compose 1.0 leaves the project's network behind.
+    cleanups+=("podman network rm herald_default" "${compose[*]} down -v")
     "${compose[@]}" up -d >"$work/compose-up.log" 2>&1 || { cat "$work/compose-up.log" >&2; die "compose up failed"; }
     post http://127.0.0.1:8081/msg/bob "hello bob, from compose ingress-1"
     post http://127.0.0.1:8082/msg/bob "hello bob, from compose ingress-2"

@@ -27,7 +27,6 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-root=$PWD
 # No __pycache__ in the work tree.
 export PYTHONDONTWRITEBYTECODE=1
 
