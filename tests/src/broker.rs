@@ -1,16 +1,31 @@
-//! The RabbitMQ the tests use: `HERALD_TEST_AMQP_URL`, or the local broker.
+//! The RabbitMQ the tests use: `HERALD_TEST_AMQP_URL`, or the local broker;
+//! with `HERALD_TEST_BACKEND=containers`, a RabbitMQ container per test
+//! process (see `containers`).
 
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::containers::{self, RabbitMq};
 
 const DEFAULT_TEST_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// The test broker's URL: `HERALD_TEST_AMQP_URL`, or the local broker.
+/// With the container backend, the URL of the process's broker container,
+/// which a `Broker` must hold (connect one first and keep it).
 pub fn url() -> String {
+    if containers::enabled() {
+        return containers::running_rabbitmq().map(|rabbitmq| rabbitmq.url()).unwrap_or_else(|| {
+            panic!(
+                "HERALD_TEST_BACKEND=containers: no broker container runs in this process yet; connect a \
+                 `Broker` first and keep it for the test (it holds the container)"
+            )
+        });
+    }
     std::env::var("HERALD_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_TEST_AMQP_URL.to_owned())
 }
 
@@ -20,12 +35,21 @@ pub struct Broker {
     pub prefix: String,
     connection: Connection,
     channel: Channel,
+    /// With the container backend: the broker's container, shared by every
+    /// `Broker` of the process and removed once the last one is dropped.
+    container: Option<Arc<RabbitMq>>,
 }
 
 impl Broker {
-    /// Connects to the broker, or panics with what to do about it.
+    /// Connects to the broker (with the container backend, the process's
+    /// broker container, started if none runs), or panics with what to do
+    /// about it.
     pub async fn connect() -> Self {
-        let url = url();
+        let container = match containers::backend() {
+            containers::Backend::Containers => Some(containers::rabbitmq().await),
+            containers::Backend::Local => None,
+        };
+        let url = container.as_ref().map_or_else(url, |rabbitmq| rabbitmq.url());
         let connection = match tokio::time::timeout(
             Duration::from_secs(10),
             herald_shared::amqp::connect(&url, "herald-tests"),
@@ -35,14 +59,21 @@ impl Broker {
             Ok(Ok(c)) => c,
             other => panic!(
                 "RabbitMQ is not reachable at {} ({:?}). Install and start it (`apt-get install -y rabbitmq-server && \
-                 rabbitmq-server -detached`) or point HERALD_TEST_AMQP_URL at a broker. No Docker engine was found for testcontainers.",
+                 rabbitmq-server -detached`), point HERALD_TEST_AMQP_URL at a broker, or use containers \
+                 (HERALD_TEST_BACKEND=containers with DOCKER_HOST set).",
                 herald_shared::amqp::redact_url(&url),
                 other.map(|r| r.err())
             ),
         };
         let channel = connection.create_channel().await.expect("channel");
         let prefix = format!("herald-test-{}", uuid::Uuid::new_v4().simple());
-        Self { url, prefix, connection, channel }
+        Self { url, prefix, connection, channel, container }
+    }
+
+    /// The broker's container, with the container backend: to stop, start,
+    /// pause and unpause it.
+    pub fn container(&self) -> Option<&RabbitMq> {
+        self.container.as_deref()
     }
 
     pub fn topology(&self) -> herald_shared::Topology {

@@ -95,10 +95,27 @@ impl Fixture {
 
     /// A burst of `n` in the background; returns its progress counter.
     pub fn burst(&self, n: usize) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Sent>) {
+        self.spawn_burst(n, false)
+    }
+
+    /// A burst of `n` in the background, each message with an
+    /// `Idempotency-Key` (`load::idempotent_burst`); returns its progress
+    /// counter.
+    pub fn idempotent_burst(&self, n: usize) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Sent>) {
+        self.spawn_burst(n, true)
+    }
+
+    fn spawn_burst(&self, n: usize, keyed: bool) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Sent>) {
         let progress = Arc::new(AtomicUsize::new(0));
         let (http, url, user, counter) =
             (self.http.clone(), self.url(), self.sender.jid.clone(), Arc::clone(&progress));
-        let task = tokio::spawn(async move { load::burst(&http, &url, &user, HTTP_PASSWORD, n, 32, counter).await });
+        let task = tokio::spawn(async move {
+            if keyed {
+                load::idempotent_burst(&http, &url, &user, HTTP_PASSWORD, n, 32, counter).await
+            } else {
+                load::burst(&http, &url, &user, HTTP_PASSWORD, n, 32, counter).await
+            }
+        });
         (progress, task)
     }
 

@@ -1,5 +1,7 @@
 //! The test harness: real RabbitMQ, a private Prosody, and Herald's services
 //! on free ports, with per-test queue prefixes and fresh XMPP accounts.
+//! RabbitMQ and Prosody are the local ones by default, or containers with
+//! `HERALD_TEST_BACKEND=containers` (see `containers`).
 //!
 //! Nothing here sleeps for a fixed time: everything polls with a deadline.
 
@@ -8,6 +10,7 @@ pub mod binaries;
 pub mod blocker;
 pub mod broker;
 pub mod cluster;
+pub mod containers;
 pub mod fixture;
 pub mod load;
 pub mod poll;

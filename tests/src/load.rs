@@ -32,21 +32,55 @@ pub async fn burst(
     concurrency: usize,
     progress: Arc<AtomicUsize>,
 ) -> Sent {
+    post_burst(Poster { http, url, user, password, keyed: false }, n, concurrency, progress).await
+}
+
+/// `burst`, each message with an `Idempotency-Key` of its own, the same on
+/// every retry of it (as Alertmanager and Grafana post): a retry after a 503
+/// is the same job, and the relay delivers it once.
+pub async fn idempotent_burst(
+    http: &reqwest::Client,
+    url: &str,
+    user: &str,
+    password: &str,
+    n: usize,
+    concurrency: usize,
+    progress: Arc<AtomicUsize>,
+) -> Sent {
+    post_burst(Poster { http, url, user, password, keyed: true }, n, concurrency, progress).await
+}
+
+/// Where and as whom a burst posts, and whether with idempotency keys.
+#[derive(Clone, Copy)]
+struct Poster<'a> {
+    http: &'a reqwest::Client,
+    url: &'a str,
+    user: &'a str,
+    password: &'a str,
+    keyed: bool,
+}
+
+/// Posts as `poster` says (see `burst`).
+async fn post_burst(poster: Poster<'_>, n: usize, concurrency: usize, progress: Arc<AtomicUsize>) -> Sent {
+    let Poster { http, url, user, password, keyed } = poster;
     let refused = Arc::new(AtomicUsize::new(0));
     let results: Vec<(String, String)> = futures::stream::iter(0..n)
         .map(|i| {
             let (progress, refused) = (Arc::clone(&progress), Arc::clone(&refused));
             async move {
                 let body = format!("burst message {i} {}", uuid::Uuid::new_v4().simple());
+                let key = format!("burst-{i}-{}", uuid::Uuid::new_v4().simple());
                 let end = tokio::time::Instant::now() + PER_MESSAGE_DEADLINE;
                 loop {
-                    let response = http
+                    let mut request = http
                         .post(url)
                         .basic_auth(user, Some(password))
                         .header("content-type", "text/plain")
-                        .body(body.clone())
-                        .send()
-                        .await;
+                        .body(body.clone());
+                    if keyed {
+                        request = request.header("idempotency-key", &key);
+                    }
+                    let response = request.send().await;
                     if let Ok(r) = response
                         && r.status() == 202
                     {

@@ -1,16 +1,24 @@
 //! A private Prosody from Debian's package: a generated config on a free
 //! port in a temporary directory, accounts registered with `prosodyctl`.
+//! With `HERALD_TEST_BACKEND=containers` the same config runs in a container
+//! on the host's network (see `containers::start_prosody`).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use testcontainers::{ContainerAsync, GenericImage};
+
+use crate::containers;
+
 pub const DOMAIN: &str = "localhost";
 /// The group chat service.
 pub const ROOMS: &str = "rooms.localhost";
 /// The one account allowed to create rooms (see `Prosody::room_admin`).
 const ROOM_ADMIN: &str = "room-admin";
+/// How long Prosody may take to listen after a start.
+const LISTEN_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Global settings added to every generated config, from
 /// `HERALD_TEST_PROSODY_EXTRA` (empty when unset): to measure or test other
@@ -29,7 +37,11 @@ pub struct XmppAccount {
 pub struct Prosody {
     dir: tempfile::TempDir,
     pub port: u16,
+    /// The local backend's process, while it runs.
     child: Option<Child>,
+    /// The container backend's container (kept while stopped; removed when
+    /// this is dropped).
+    container: Option<ContainerAsync<GenericImage>>,
     stream_management: bool,
     /// With TLS: the CA that signed the server's certificate for `localhost`.
     pub ca_file: Option<PathBuf>,
@@ -54,22 +66,24 @@ impl Prosody {
     }
 
     async fn start_configured(stream_management: bool, tls: bool) -> Self {
-        let prosody = which("prosody");
-        which("prosodyctl");
+        if !containers::enabled() {
+            which("prosody");
+            which("prosodyctl");
+        }
         let mut dir = tempfile::Builder::new().prefix("herald-prosody-").tempdir().expect("tempdir");
         if crate::keep_files() {
             dir.disable_cleanup(true);
             eprintln!("keeping Prosody's directory {}", dir.path().display());
         }
         let port = free_port();
-        let mut this = Self { dir, port, child: None, stream_management, ca_file: None };
+        let mut this = Self { dir, port, child: None, container: None, stream_management, ca_file: None };
         std::fs::create_dir_all(this.dir.path().join("data")).expect("data dir");
         std::fs::create_dir_all(this.dir.path().join("certs")).expect("certs dir");
         if tls {
             this.ca_file = Some(make_certificates(&this.dir.path().join("certs")));
         }
         std::fs::write(this.config_path(), this.config()).expect("config");
-        this.spawn(&prosody).await;
+        this.spawn().await;
         this
     }
 
@@ -127,15 +141,35 @@ Component "{ROOMS}" "muc"
             } else {
                 String::new()
             },
-            user = current_user(),
+            user = prosody_user(),
             port = self.port,
             extra = extra_config(),
         )
     }
 
-    async fn spawn(&mut self, prosody: &Path) {
+    /// Starts the server (a process, or its container: a new one, or the
+    /// stopped one again) and waits until it listens.
+    async fn spawn(&mut self) {
+        let port = self.port;
+        let listens = || async move { tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() };
+        if let Some(container) = &self.container {
+            return containers::start_again(container, "Prosody", LISTEN_DEADLINE, listens).await;
+        }
+        if containers::enabled() {
+            let container = containers::start_prosody(self.dir.path(), &self.config_path()).await;
+            if let Err(why) = containers::until_ready_or_exited(&container, "Prosody", LISTEN_DEADLINE, listens).await {
+                panic!("the Prosody container did not start: {why} (its log: {})", self.log_path().display());
+            }
+            self.container = Some(container);
+            return;
+        }
+        self.spawn_process();
+        crate::poll::until("Prosody to listen", LISTEN_DEADLINE, || async { listens().await.then_some(()) }).await;
+    }
+
+    fn spawn_process(&mut self) {
         let out = std::fs::File::create(self.dir.path().join("stdout.log")).expect("stdout log");
-        let child = Command::new(prosody)
+        let child = Command::new(which("prosody"))
             .arg("--config")
             .arg(self.config_path())
             .stdin(Stdio::null())
@@ -144,15 +178,18 @@ Component "{ROOMS}" "muc"
             .spawn()
             .expect("start prosody");
         self.child = Some(child);
-        let port = self.port;
-        crate::poll::until("Prosody to listen", Duration::from_secs(20), || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
-        })
-        .await;
     }
 
     /// Stops the server (SIGKILL) without removing its data.
-    pub fn stop(&mut self) {
+    pub async fn stop(&mut self) {
+        self.kill_process();
+        if let Some(container) = &self.container {
+            containers::stop(container, Duration::ZERO).await;
+        }
+    }
+
+    /// SIGKILL to the local backend's process, if it runs.
+    fn kill_process(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -162,6 +199,9 @@ Component "{ROOMS}" "muc"
     /// Stops the server the way an operator would (SIGTERM), and waits for
     /// it to exit.
     pub async fn stop_gracefully(&mut self) {
+        if let Some(container) = &self.container {
+            containers::stop(container, Duration::from_secs(30)).await;
+        }
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
             crate::poll::until("Prosody to exit", Duration::from_secs(30), || {
@@ -174,13 +214,13 @@ Component "{ROOMS}" "muc"
 
     /// Starts a stopped server again on the same port, with its data.
     pub async fn start_again(&mut self) {
-        self.spawn(&which("prosody")).await;
+        self.spawn().await;
     }
 
     /// Starts it again on the same port, with the same accounts.
     pub async fn restart(&mut self) {
-        self.stop();
-        self.spawn(&which("prosody")).await;
+        self.stop().await;
+        self.spawn().await;
     }
 
     /// Registers a fresh account `<name>-<random>@localhost`.
@@ -195,17 +235,28 @@ Component "{ROOMS}" "muc"
         self.register_as(ROOM_ADMIN, &uuid::Uuid::new_v4().simple().to_string())
     }
 
-    /// Registers `<user>@localhost` with `password`.
+    /// Registers `<user>@localhost` with `password` (with the container
+    /// backend, `prosodyctl` runs in the server's container).
     pub fn register_as(&self, user: &str, password: &str) -> XmppAccount {
-        let status = Command::new("prosodyctl")
-            .arg("--config")
-            .arg(self.config_path())
-            .args(["register", user, DOMAIN, password])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("run prosodyctl");
-        assert!(status.success(), "prosodyctl register {user} failed");
+        match &self.container {
+            Some(container) => {
+                let config = self.config_path().display().to_string();
+                let command = ["prosodyctl", "--config", &config, "register", user, DOMAIN, password];
+                let (code, output) = containers::block_on(containers::exec(container, &command));
+                assert_eq!(code, 0, "prosodyctl register {user} failed in the container: {output}");
+            }
+            None => {
+                let status = Command::new(which("prosodyctl"))
+                    .arg("--config")
+                    .arg(self.config_path())
+                    .args(["register", user, DOMAIN, password])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .expect("run prosodyctl");
+                assert!(status.success(), "prosodyctl register {user} failed");
+            }
+        }
         XmppAccount { jid: format!("{user}@{DOMAIN}"), password: password.to_owned() }
     }
 
@@ -219,8 +270,11 @@ Component "{ROOMS}" "muc"
 }
 
 impl Drop for Prosody {
+    /// Kills the process, or removes the container (before the directory
+    /// it writes to is deleted).
     fn drop(&mut self) {
-        self.stop();
+        self.kill_process();
+        drop(self.container.take());
     }
 }
 
@@ -298,7 +352,12 @@ fn which(binary: &str) -> PathBuf {
     panic!("{binary} is not installed: the end-to-end tests need Debian's Prosody (`apt-get install -y prosody`)");
 }
 
-fn current_user() -> String {
+/// The user Prosody runs as: the current one, or root in its container
+/// (which has no other user of ours).
+fn prosody_user() -> String {
+    if containers::enabled() {
+        return "root".into();
+    }
     std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into())
 }
 

@@ -295,7 +295,9 @@ async fn the_connection_cap_refuses_new_connections_and_keeps_the_open_ones() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_flips_while_the_broker_blocks_publishers_and_recovers() {
-    let broker_url = herald_tests::broker::url();
+    // Held for the test: with the container backend it holds the broker.
+    let broker = Broker::connect().await;
+    let broker_url = broker.url.clone();
     let blocker = Blocker::start(amqp_authority(&broker_url)).await;
     let ingress = Ingress::start(Some(blocker.amqp_url(&broker_url)), |_| {}).await;
     let http = reqwest::Client::new();

@@ -47,7 +47,9 @@ async fn the_allow_list_and_the_rate_limit_hold() {
 async fn requests_refused_during_a_broker_outage_take_no_tokens() {
     let user = "patient@localhost";
     let extra = format!("{}rate = \"1/h\"\nburst = 3\n", user_entry(user, "patient-secret", None));
-    let broker_url = herald_tests::broker::url();
+    // Held for the test: with the container backend it holds the broker.
+    let broker = herald_tests::Broker::connect().await;
+    let broker_url = broker.url.clone();
     let link = Proxy::start(proxy::amqp_authority(&broker_url)).await;
     let options = StackOptions {
         relay: false,

@@ -17,6 +17,7 @@ mod alerting;
 mod bench;
 mod binaries;
 mod cluster;
+mod containers;
 mod e2e;
 mod failures;
 mod front_door;

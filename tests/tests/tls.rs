@@ -3,6 +3,7 @@
 //! trusted through SSL_CERT_FILE, for both.
 
 use herald_tests::binaries::{Service, ServiceEnv};
+use herald_tests::proxy::{amqp_authority, amqp_url_via};
 use herald_tests::stack::user_entry;
 use herald_tests::{Broker, Prosody, Receiver, poll};
 use std::time::Duration;
@@ -73,7 +74,7 @@ async fn the_relay_verifies_the_servers_certificate_and_trusts_a_private_ca_when
 
 /// Terminates TLS with the certificate in `dir` (`make_certificates`) and
 /// forwards to `upstream` in the clear: a broker with an `amqps` listener.
-async fn tls_terminator(dir: &std::path::Path, upstream: &'static str) -> u16 {
+async fn tls_terminator(dir: &std::path::Path, upstream: String) -> u16 {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("localhost.crt"))
@@ -93,11 +94,11 @@ async fn tls_terminator(dir: &std::path::Path, upstream: &'static str) -> u16 {
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
             tokio::spawn(async move {
                 // A client that does not trust the certificate fails here.
                 let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
                 drop(tokio::io::copy_bidirectional(&mut tls, &mut server).await);
             });
         }
@@ -115,11 +116,12 @@ async fn amqps_works_with_a_private_ca_and_only_with_it() {
     let mut rx = Receiver::connect(&prosody, &recipient).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = herald_tests::prosody::make_certificates(dir.path());
-    let port = tls_terminator(dir.path(), "127.0.0.1:5672").await;
+    // In front of the test broker (the local one, or the container's).
+    let port = tls_terminator(dir.path(), amqp_authority(&broker.url)).await;
     let (users, accounts) = (dir.path().join("users.toml"), dir.path().join("accounts.toml"));
     std::fs::write(&users, user_entry(&sender.jid, "pw", None)).expect("users");
     std::fs::write(&accounts, prosody.accounts_entry(&sender)).expect("accounts");
-    let url = format!("amqps://guest:guest@127.0.0.1:{port}/%2f");
+    let url = amqp_url_via(&broker.url, port).replacen("amqp://", "amqps://", 1);
     let env = ServiceEnv::new(url, broker.prefix.clone(), users, accounts);
     let http = reqwest::Client::new();
     let post = || {

@@ -7,7 +7,7 @@
 //!     cargo run -p herald-tests --bin herald-local-stack
 //!
 //! `HERALD_LOCAL_PORT` (default 8080) is the ingress port; `HERALD_TEST_AMQP_URL`
-//! the broker.
+//! the broker (or `HERALD_TEST_BACKEND=containers`: both servers in containers).
 
 use herald_tests::binaries::ServiceEnv;
 use herald_tests::stack::user_entry;
@@ -21,10 +21,11 @@ const HTTP_PASSWORD: &str = "alice-http-pw";
 async fn main() {
     herald_shared::telemetry::install_crypto_provider();
     let port: u16 = std::env::var("HERALD_LOCAL_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
-    let amqp_url = herald_tests::broker::url();
     let prefix = "herald-local";
-    // Fail early with a clear message if there is no broker.
-    drop(Broker::connect().await);
+    // Fail early with a clear message if there is no broker (and hold the
+    // container of the container backend for as long as this runs).
+    let broker = Broker::connect().await;
+    let amqp_url = broker.url.clone();
 
     let prosody = Prosody::start().await;
     let alice = prosody.register_as("alice", "alice-xmpp-pw");
