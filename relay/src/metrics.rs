@@ -60,6 +60,9 @@ pub struct Metrics {
     pub sessions_online: Gauge,
     pub consuming: Gauge,
     pub queue_messages: Family<QueueLabels, Gauge>,
+    /// Deliveries the broker marked redelivered: handed out before, to this
+    /// relay or another, and not settled then.
+    pub redelivered: Counter,
 }
 
 impl Metrics {
@@ -72,6 +75,7 @@ impl Metrics {
             sessions_online: Gauge::default(),
             consuming: Gauge::default(),
             queue_messages: Family::default(),
+            redelivered: Counter::default(),
         };
         registry.register("herald_deliveries", "Deliveries by outcome", metrics.deliveries.clone());
         registry.register(
@@ -95,6 +99,11 @@ impl Metrics {
             "herald_queue_messages",
             "Messages ready in Herald's queues (sampled)",
             metrics.queue_messages.clone(),
+        );
+        registry.register(
+            "herald_redelivered",
+            "Deliveries the broker had handed out before without a settlement (a relay stopped or lost its channel)",
+            metrics.redelivered.clone(),
         );
         Arc::new(metrics)
     }

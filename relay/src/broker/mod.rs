@@ -84,6 +84,9 @@ impl Worker {
     }
 
     async fn handle(&self, delivery: &lapin::message::Delivery, acks: &Acks) {
+        if delivery.redelivered {
+            self.metrics.redelivered.inc();
+        }
         let properties = &delivery.properties;
         let incoming = Incoming {
             data: &delivery.data,

@@ -46,6 +46,19 @@ impl Arrivals {
         Self { messages, early: HashMap::new(), thread: Some(thread) }
     }
 
+    /// Logs every account in, on one thread, and returns once all are
+    /// online; arrivals at any of them are reported together.
+    pub async fn start_many(prosody: Arc<Prosody>, accounts: Vec<XmppAccount>) -> Self {
+        let (tx, messages) = mpsc::unbounded_channel();
+        let (online_tx, online) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("bench-receivers".into())
+            .spawn(move || receive_many(prosody, accounts, online_tx, tx))
+            .expect("spawn the receivers' thread");
+        online.await.expect("the receivers log in");
+        Self { messages, early: HashMap::new(), thread: Some(thread) }
+    }
+
     /// Forgets everything that arrived so far.
     pub fn clear(&mut self) {
         self.early.clear();
@@ -107,6 +120,43 @@ fn receive(
                     break;
                 }
             }
+        }
+    });
+}
+
+/// Several receivers on one thread (`start_many`).
+fn receive_many(
+    prosody: Arc<Prosody>,
+    accounts: Vec<XmppAccount>,
+    online: oneshot::Sender<()>,
+    tx: mpsc::UnboundedSender<(String, Instant)>,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("receivers' runtime");
+    runtime.block_on(async move {
+        let mut receivers = Vec::with_capacity(accounts.len());
+        for account in &accounts {
+            receivers.push(Receiver::connect(&prosody, account).await);
+        }
+        drop(prosody);
+        let _ = online.send(());
+        let tasks: Vec<_> = receivers
+            .into_iter()
+            .map(|mut receiver| {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while !tx.is_closed() {
+                        if let Some(message) = receiver.next(POLL).await {
+                            let at = Instant::now();
+                            if tx.send((message.id.unwrap_or_default(), at)).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            drop(task.await);
         }
     });
 }

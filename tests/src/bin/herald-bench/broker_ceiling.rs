@@ -101,3 +101,48 @@ async fn delete(channel: &Channel, topology: &Topology) {
     }
     drop(channel.exchange_delete(topology.exchange().into(), ExchangeDeleteOptions::default()).await);
 }
+
+/// The broker's confirm latency at a fixed rate (1c): the floor under the
+/// ingress's POST → 202, to tell a slow broker from a slow Herald.
+#[derive(Debug, Clone)]
+pub struct PacedPublishing {
+    pub rate: u32,
+    pub sent: usize,
+    pub failed: usize,
+    /// Scheduled publish instant → confirm.
+    pub latency: Option<crate::stats::Percentiles>,
+}
+
+/// Publishes `payload` at `rate` per second for `duration`, open loop (each
+/// publish at its instant, whatever the confirms do), on one confirm channel.
+pub async fn paced(url: &str, payload: &[u8], rate: u32, duration: Duration) -> PacedPublishing {
+    let connection = herald_shared::amqp::connect(url, "herald-bench publisher").await.expect("connect to the broker");
+    let topology = Topology::new(format!("herald-bench-{}", uuid::Uuid::new_v4().simple()));
+    let setup = connection.create_channel().await.expect("open a channel");
+    topology.declare(&connection, &setup, &[]).await.expect("declare the throwaway topology");
+    let channel = confirm_channel(&connection).await;
+    let payload: Arc<[u8]> = payload.into();
+    let count = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
+    let period = Duration::from_secs(1) / rate.max(1);
+    let first = Instant::now() + Duration::from_millis(50);
+    let mut publishes = Vec::with_capacity(count);
+    for i in 0..count {
+        let scheduled = first + period * i as u32;
+        tokio::time::sleep_until(scheduled.into()).await;
+        let (channel, exchange, payload) = (channel.clone(), topology.exchange(), Arc::clone(&payload));
+        publishes.push(tokio::spawn(async move {
+            publish(&channel, &exchange, &payload).await.then(|| scheduled.elapsed())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    let mut failed = 0;
+    for publish in publishes {
+        match publish.await.expect("publish task") {
+            Some(latency) => latencies.push(latency),
+            None => failed += 1,
+        }
+    }
+    delete(&setup, &topology).await;
+    drop(connection.close(200, "done".into()).await);
+    PacedPublishing { rate, sent: count, failed, latency: crate::stats::Percentiles::of(latencies) }
+}

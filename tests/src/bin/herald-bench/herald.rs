@@ -57,6 +57,19 @@ impl Herald {
         ready(http, self.env.relay_admin_port, "herald-relay").await;
     }
 
+    /// Stops the relay (SIGTERM), leaving the ingress and the queues.
+    pub async fn stop_relay(&mut self) {
+        if let Some(relay) = self.relay.take() {
+            relay.terminate(STOP_TIMEOUT).await;
+        }
+    }
+
+    /// The relay's `/metrics`, if it answers.
+    pub async fn relay_metrics(&self, http: &reqwest::Client) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.env.relay_admin_port);
+        http.get(url).send().await.ok()?.text().await.ok()
+    }
+
     pub fn ingress_pid(&self) -> Option<u32> {
         self.ingress.as_ref().map(Service::pid)
     }

@@ -45,6 +45,11 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     kib(&field(&status, "VmHWM")?)
 }
 
+/// User plus system CPU time of some processes so far, in seconds.
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|pid| cpu_ticks(*pid)).sum::<u64>() as f64 / clock_ticks_per_second()
+}
+
 /// User plus system CPU time of a process, all threads, in clock ticks.
 fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -30,6 +30,7 @@ mod machine;
 mod options;
 mod report;
 mod stats;
+mod storm;
 mod xmpp_ceiling;
 
 use arrivals::{Arrivals, Matched};
@@ -139,6 +140,10 @@ async fn main() {
     )
     .await;
     cpu.push(("1a. broker headroom", meter.stop()));
+    let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+    progress(&format!("1c. broker confirm floor: {} publishes/s for {:?}", options.rate, options.latency_time));
+    let broker_floor = broker_ceiling::paced(&broker.url, &payload, options.rate, options.latency_time).await;
+    cpu.push(("1c. broker floor, paced", meter.stop()));
 
     // 2b. Cached clients posting at a fixed rate while wrong guesses
     // arrive from many addresses.
@@ -161,7 +166,7 @@ async fn main() {
 
     // 1b and 3a, alternating: a direct XMPP client flat out, then the whole
     // path flat out (the relay's session is idle while the direct client runs).
-    let (mut xmpp, mut e2e) = (Vec::new(), Vec::new());
+    let (mut xmpp, mut e2e, mut herald_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=options.rounds {
         let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
         progress(&format!("1b. XMPP ceiling, round {round}: {} messages from a direct client", options.xmpp_messages));
@@ -169,7 +174,11 @@ async fn main() {
         cpu.push(("1b. XMPP ceiling", meter.stop()));
         let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
         progress(&format!("3a. whole path, round {round}: {} messages as fast as possible", options.e2e_messages));
-        e2e.push(end_to_end(&target, &mut arrivals, &options).await);
+        let services: Vec<u32> = herald.ingress_pid().into_iter().chain(herald.relay_pid()).collect();
+        let cpu_before = machine::cpu_seconds(&services);
+        let run = end_to_end(&target, &mut arrivals, &options).await;
+        herald_cpu.push((machine::cpu_seconds(&services) - cpu_before) / run.delivered.max(1) as f64);
+        e2e.push(run);
         cpu.push(("3a. whole path, flat out", meter.stop()));
     }
 
@@ -195,6 +204,41 @@ async fn main() {
 
     let rss_ingress_kib = herald.ingress_pid().and_then(machine::peak_rss_kib);
     let rss_relay_kib = herald.relay_pid().and_then(machine::peak_rss_kib);
+
+    // The alert-storm phases, when asked for.
+    let fanout = if options.fanout > 0 {
+        let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+        let ingress_port = herald.env.ingress_port;
+        let result = storm::fanout(
+            &prosody,
+            &target,
+            ingress_port,
+            options.fanout,
+            options.fanout_rate,
+            options.fanout_time,
+            options.idle_timeout,
+        )
+        .await;
+        cpu.push(("4. fan-out", meter.stop()));
+        Some(result)
+    } else {
+        None
+    };
+    let backlog = if options.backlog > 0 {
+        let result = storm::backlog(
+            &mut herald,
+            &target,
+            &mut arrivals,
+            options.backlog,
+            options.concurrency,
+            &options.relay_env,
+            options.idle_timeout,
+        )
+        .await;
+        Some(result)
+    } else {
+        None
+    };
     progress(&format!(
         "stopping; service logs in {} (kept with HERALD_TEST_KEEP=1)",
         herald.log("").parent().map(|p| p.display().to_string()).unwrap_or_default()
@@ -208,12 +252,16 @@ async fn main() {
         options,
         broker_matched,
         broker_wide,
+        broker_floor,
         xmpp,
         xmpp_floor,
         ingress,
         attacked,
         e2e,
+        herald_cpu,
         paced,
+        fanout,
+        backlog,
         rss_ingress_kib,
         rss_relay_kib,
         cpu,

@@ -70,6 +70,25 @@ pub struct Options {
     #[arg(long, env = "HERALD_BENCH_TIMELINE")]
     pub timeline: bool,
 
+    /// Alert-storm phase: with the relay stopped, queue this many jobs
+    /// through the ingress, then start the relay and drain them (0: off;
+    /// e.g. 1000000, several minutes).
+    #[arg(long, env = "HERALD_BENCH_BACKLOG", default_value_t = 0)]
+    pub backlog: usize,
+
+    /// Alert-storm phase: Alertmanager notifications to this many recipients
+    /// each (0: off; e.g. 50).
+    #[arg(long, env = "HERALD_BENCH_FANOUT", default_value_t = 0)]
+    pub fanout: usize,
+
+    /// Notifications per second in the fan-out phase.
+    #[arg(long, env = "HERALD_BENCH_FANOUT_RATE", default_value_t = 100)]
+    pub fanout_rate: u32,
+
+    /// How long the fan-out phase posts.
+    #[arg(long, env = "HERALD_BENCH_FANOUT_TIME", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub fanout_time: Duration,
+
     /// Extra environment for herald-ingress, `KEY=VALUE` (repeatable), to
     /// measure other settings.
     #[arg(long = "ingress-env", value_name = "KEY=VALUE", value_parser = parse_env)]

@@ -1,11 +1,12 @@
 //! The one table a run prints, with each Herald figure against its ceiling
 //! and its target.
 
-use crate::broker_ceiling::Publishing;
+use crate::broker_ceiling::{PacedPublishing, Publishing};
 use crate::http_load::Outcome;
 use crate::machine::Machine;
 use crate::options::Options;
 use crate::stats::{Percentiles, ms};
+use crate::storm::{Backlog, Fanout};
 use crate::xmpp_ceiling::{Direct, DirectPaced};
 use std::time::Duration;
 
@@ -15,6 +16,10 @@ const MIN_E2E_RATIO: f64 = 0.60;
 const MAX_P99: Duration = Duration::from_millis(25);
 const MAX_RSS_KIB: u64 = 64 * 1024;
 const MAX_P99_UNDER_ATTACK: Duration = Duration::from_millis(50);
+/// Herald's own CPU (ingress + relay) per delivered message.
+const MAX_CPU_PER_MESSAGE: Duration = Duration::from_micros(30);
+/// A backlog drains at this share of the XMPP ceiling or better.
+const MIN_DRAIN_RATIO: f64 = 0.80;
 
 /// Phase 2b: cached clients at a fixed rate while wrong guesses arrive.
 #[derive(Debug)]
@@ -79,13 +84,18 @@ pub struct Results {
     /// One per round, as the ingress's.
     pub broker_matched: Vec<Publishing>,
     pub broker_wide: Publishing,
+    pub broker_floor: PacedPublishing,
     /// One per round, as the whole path's.
     pub xmpp: Vec<Direct>,
     pub xmpp_floor: Vec<DirectPaced>,
     pub ingress: Vec<Outcome>,
     pub attacked: Attacked,
     pub e2e: Vec<EndToEnd>,
+    /// Per round of `e2e`: ingress + relay CPU seconds per delivered message.
+    pub herald_cpu: Vec<f64>,
     pub paced: Paced,
+    pub fanout: Option<Fanout>,
+    pub backlog: Option<Backlog>,
     pub rss_ingress_kib: Option<u64>,
     pub rss_relay_kib: Option<u64>,
     pub cpu: Vec<CpuUse>,
@@ -167,6 +177,76 @@ fn rows(r: &Results) -> Vec<Row> {
     rows.extend(e2e_rows(r));
     rows.push(rss_row("peak RSS (VmHWM) herald-ingress, whole run", r.rss_ingress_kib));
     rows.push(rss_row("peak RSS (VmHWM) herald-relay, whole run", r.rss_relay_kib));
+    rows.extend(r.fanout.iter().map(|f| fanout_row(r, f)));
+    rows.extend(r.backlog.iter().flat_map(|b| backlog_rows(r, b)));
+    rows
+}
+
+fn xmpp_ceiling(r: &Results) -> f64 {
+    median(r.xmpp.iter().map(Direct::rate))
+}
+
+fn fanout_row(r: &Results, f: &Fanout) -> Row {
+    let ratio = f.stanza_rate() / xmpp_ceiling(r).max(1e-9);
+    Row {
+        what: format!(
+            "fan-out: Alertmanager notifications to {} recipients each, {} a second for {:.0} s, open loop; stanzas per \
+             second at the recipients, and scheduled POST → the last recipient's receipt",
+            f.recipients,
+            f.rate,
+            r.options.fanout_time.as_secs_f64()
+        ),
+        result: format!(
+            "**{:.0} stanzas/s**, last receipt {} ({}/{} stanzas delivered, {} duplicates; {}/{} notifications accepted)",
+            f.stanza_rate(),
+            summary(f.last_receipt),
+            f.delivered,
+            f.stanzas,
+            f.duplicates,
+            f.accepted,
+            f.notifications
+        ),
+        ceiling: format!("{:.0} msg/s", xmpp_ceiling(r)),
+        ratio: percent(ratio),
+        target: "none lost".into(),
+        verdict: verdict(f.delivered == f.stanzas && f.refused == 0),
+    }
+}
+
+fn backlog_rows(r: &Results, b: &Backlog) -> Vec<Row> {
+    let broker = median(r.broker_matched.iter().map(Publishing::rate));
+    let mut rows: Vec<Row> = b
+        .segments
+        .iter()
+        .map(|s| Row {
+            what: format!("backlog: herald-ingress 202/s with the relay stopped, up to {} queued", s.queued),
+            result: format!("**{:.0} req/s** ({} refused); then {}", s.rate, s.refused, s.broker.describe()),
+            ceiling: format!("{broker:.0} msg/s"),
+            ratio: percent(s.rate / broker.max(1e-9)),
+            target: format!("≥ {}", percent(MIN_INGRESS_RATIO)),
+            verdict: verdict(s.rate / broker.max(1e-9) >= MIN_INGRESS_RATIO),
+        })
+        .collect();
+    let ratio = b.drain_rate() / xmpp_ceiling(r).max(1e-9);
+    let lost = b.accepted - b.delivered;
+    rows.push(Row {
+        what: format!("backlog: {} jobs drained, relay start → last receipt", b.accepted),
+        result: format!(
+            "**{:.0} msg/s** in {:.0} s ({}/{} delivered, {lost} lost, {} duplicates, {} redelivered); then {}",
+            b.drain_rate(),
+            b.drain_elapsed.as_secs_f64(),
+            b.delivered,
+            b.accepted,
+            b.duplicates,
+            b.redelivered.map_or_else(|| "n/a".into(), |n| format!("{n:.0}")),
+            b.broker_after.describe()
+        ),
+        ceiling: format!("{:.0} msg/s", xmpp_ceiling(r)),
+        ratio: percent(ratio),
+        target: format!("≥ {}, none lost, 0 redelivered", percent(MIN_DRAIN_RATIO)),
+        verdict: verdict(ratio >= MIN_DRAIN_RATIO && lost == 0 && b.redelivered.unwrap_or(0.0) == 0.0),
+    });
+    rows.push(rss_row("peak RSS (VmHWM) herald-relay, draining the backlog", b.relay_peak_rss_kib));
     rows
 }
 
@@ -225,6 +305,19 @@ fn ceiling_rows(r: &Results) -> Vec<Row> {
         ),
     ];
     rows.extend(floor);
+    rows.push(Row::info(
+        format!(
+            "broker latency floor: confirmed publishes at {} msg/s for {:.0} s, open loop, one channel, scheduled publish → confirm",
+            r.broker_floor.rate,
+            r.options.latency_time.as_secs_f64()
+        ),
+        format!(
+            "{} ({} sent, {} failed)",
+            summary(r.broker_floor.latency),
+            r.broker_floor.sent,
+            r.broker_floor.failed
+        ),
+    ));
     rows
 }
 
@@ -326,6 +419,7 @@ fn e2e_rows(r: &Results) -> Vec<Row> {
             verdict: verdict(ratio >= MIN_E2E_RATIO && lost == 0),
         },
         drain_row(r),
+        cpu_row(r),
         Row {
             what: format!(
                 "end to end latency at {} msg/s offered for {:.0} s, open loop, from the *scheduled* send instant to receipt",
@@ -351,6 +445,20 @@ fn e2e_rows(r: &Results) -> Vec<Row> {
             format!("{}; {:.0} sends/s", summary(p.send_lag), p.achieved_rate),
         ),
     ]
+}
+
+/// Herald's own CPU per delivered message in the flat-out rounds.
+fn cpu_row(r: &Results) -> Row {
+    let micros: Vec<f64> = r.herald_cpu.iter().map(|s| s * 1e6).collect();
+    let median_us = median(micros.iter().copied());
+    Row {
+        what: "  in those runs: herald-ingress + herald-relay CPU time per delivered message".into(),
+        result: format!("**{median_us:.0} µs** (median of {})", rounds(micros.iter().copied())),
+        ceiling: String::new(),
+        ratio: String::new(),
+        target: format!("≤ {} µs", MAX_CPU_PER_MESSAGE.as_micros()),
+        verdict: verdict(median_us <= MAX_CPU_PER_MESSAGE.as_micros() as f64),
+    }
 }
 
 /// How fast a backlog drains once the POSTs stop: informative, no target.

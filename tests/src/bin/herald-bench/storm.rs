@@ -1,0 +1,239 @@
+//! Alert-storm phases, behind flags because they take minutes:
+//!
+//! - **backlog** (`--backlog N`): the relay stopped while N jobs are posted
+//!   through the ingress (its rate measured in segments as the queue grows,
+//!   the broker's memory and alarms after each), then the relay started and
+//!   the backlog drained to the receiver.
+//! - **fan-out** (`--fanout R`): Alertmanager notifications, each to R
+//!   recipients, at a fixed rate: stanzas per second delivered, and the time
+//!   from each POST to its last recipient's receipt.
+
+use crate::arrivals::Arrivals;
+use crate::herald::Herald;
+use crate::http_load::{self, Limit, Target};
+use crate::stats::Percentiles;
+use herald_tests::{Prosody, XmppAccount};
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One stretch of the backlog's filling.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    /// Jobs queued at the end of the segment.
+    pub queued: usize,
+    /// 202s per second in the segment.
+    pub rate: f64,
+    pub refused: usize,
+    pub broker: BrokerMemory,
+}
+
+/// The local broker's memory, read with rabbitmqctl (None if it cannot be).
+#[derive(Debug, Clone, Default)]
+pub struct BrokerMemory {
+    /// Erlang's total allocated memory, bytes.
+    pub total: Option<u64>,
+    /// The memory high watermark, bytes.
+    pub limit: Option<u64>,
+    /// The broker's resource alarms, as it prints them (`[]`: none).
+    pub alarms: Option<String>,
+}
+
+impl BrokerMemory {
+    pub fn read() -> Self {
+        let number = |expr: &str| eval(expr).and_then(|s| s.trim().parse::<u64>().ok());
+        Self {
+            total: number("erlang:memory(total)."),
+            limit: number("vm_memory_monitor:get_memory_limit()."),
+            alarms: eval("rabbit_alarm:get_alarms().").map(|s| s.trim().to_owned()),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let mib = |b: Option<u64>| b.map_or_else(|| "n/a".into(), |b| format!("{:.0} MiB", b as f64 / 1048576.0));
+        format!(
+            "broker memory {} of a {} watermark, alarms {}",
+            mib(self.total),
+            mib(self.limit),
+            self.alarms.as_deref().unwrap_or("n/a")
+        )
+    }
+}
+
+fn eval(expr: &str) -> Option<String> {
+    let out = Command::new("rabbitmqctl").args(["-q", "eval", expr]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[derive(Debug)]
+pub struct Backlog {
+    pub segments: Vec<Segment>,
+    pub accepted: usize,
+    /// From the relay's start to the last receipt.
+    pub drain_elapsed: Duration,
+    pub delivered: usize,
+    pub duplicates: usize,
+    /// The relay's `herald_redelivered_total` at the end.
+    pub redelivered: Option<f64>,
+    /// The relay's VmHWM after the drain (it was started for it).
+    pub relay_peak_rss_kib: Option<u64>,
+    /// The broker after the drain.
+    pub broker_after: BrokerMemory,
+}
+
+impl Backlog {
+    pub fn drain_rate(&self) -> f64 {
+        crate::stats::rate(self.delivered, self.drain_elapsed)
+    }
+}
+
+/// Stops the relay, posts `jobs` jobs in segments (a tenth, up to half, up to
+/// all), starts the relay and waits for every accepted job at the receiver.
+pub async fn backlog(
+    herald: &mut Herald,
+    target: &Arc<Target>,
+    arrivals: &mut Arrivals,
+    jobs: usize,
+    concurrency: usize,
+    relay_env: &[(String, String)],
+    idle: Duration,
+) -> Backlog {
+    herald.stop_relay().await;
+    arrivals.clear();
+    let marks = [jobs / 10, jobs / 2, jobs];
+    let mut ids = HashSet::with_capacity(jobs);
+    let mut segments = Vec::new();
+    let mut queued = 0;
+    for mark in marks {
+        if mark <= queued {
+            continue;
+        }
+        crate::progress(&format!("backlog: posting jobs {}..{mark} with the relay stopped", queued + 1));
+        let load = http_load::closed_loop(Arc::clone(target), concurrency, Limit::Messages(mark - queued)).await;
+        queued += load.accepted.len();
+        ids.extend(load.ids());
+        segments.push(Segment { queued, rate: load.rate(), refused: load.refused, broker: BrokerMemory::read() });
+        crate::progress(&format!(
+            "backlog: {queued} queued; {}",
+            segments.last().map(|s| s.broker.describe()).unwrap_or_default()
+        ));
+    }
+    crate::progress(&format!("backlog: starting the relay to drain {} jobs", ids.len()));
+    let started = Instant::now();
+    herald.start_relay(&target.http, relay_env).await;
+    let matched = arrivals.wait_for(&ids, idle).await;
+    let last = matched.last().unwrap_or(started);
+    let metrics = herald.relay_metrics(&target.http).await;
+    Backlog {
+        segments,
+        accepted: ids.len(),
+        drain_elapsed: last.saturating_duration_since(started),
+        delivered: matched.arrived.len(),
+        duplicates: matched.duplicates,
+        redelivered: metrics.as_deref().and_then(|m| herald_tests::admin::sample(m, "herald_redelivered_total")),
+        relay_peak_rss_kib: herald.relay_pid().and_then(crate::machine::peak_rss_kib),
+        broker_after: BrokerMemory::read(),
+    }
+}
+
+#[derive(Debug)]
+pub struct Fanout {
+    pub recipients: usize,
+    pub rate: u32,
+    pub notifications: usize,
+    pub accepted: usize,
+    pub refused: usize,
+    pub stanzas: usize,
+    pub delivered: usize,
+    pub duplicates: usize,
+    /// First scheduled POST to the last receipt.
+    pub elapsed: Duration,
+    /// Scheduled POST → the last of its recipients' receipts, per notification
+    /// whose recipients all got it.
+    pub last_receipt: Option<Percentiles>,
+}
+
+impl Fanout {
+    pub fn stanza_rate(&self) -> f64 {
+        crate::stats::rate(self.delivered, self.elapsed)
+    }
+}
+
+/// Registers `recipients` accounts, logs them all in, then posts the
+/// recorded Alertmanager notification to all of them `rate` times a second
+/// for `duration`.
+pub async fn fanout(
+    prosody: &Arc<Prosody>,
+    target: &Arc<Target>,
+    ingress_port: u16,
+    recipients: usize,
+    rate: u32,
+    duration: Duration,
+    idle: Duration,
+) -> Fanout {
+    crate::progress(&format!("fan-out: registering and logging in {recipients} recipients"));
+    let accounts: Vec<XmppAccount> = (0..recipients).map(|i| prosody.register(&format!("rota{i}"))).collect();
+    let mut arrivals = Arrivals::start_many(Arc::clone(prosody), accounts.clone()).await;
+    let query: Vec<String> = accounts.iter().map(|a| format!("to={}", a.jid)).collect();
+    let url = format!("http://127.0.0.1:{ingress_port}/alertmanager?{}", query.join("&"));
+    let body = include_str!("../../../fixtures/alertmanager-firing.json");
+    let count = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
+    let period = Duration::from_secs(1) / rate.max(1);
+    crate::progress(&format!("fan-out: {count} notifications × {recipients} recipients at {rate}/s"));
+    let first = Instant::now() + Duration::from_millis(50);
+    let mut posts = Vec::with_capacity(count);
+    // The ingress keys a notification by its group: the same recorded
+    // payload again would get the first one's jobs back. Alertmanager sends
+    // a new notification per change; a key per post stands for that.
+    let run = uuid::Uuid::new_v4().simple();
+    for i in 0..count {
+        let scheduled = first + period * i as u32;
+        tokio::time::sleep_until(scheduled.into()).await;
+        let request = target
+            .http
+            .post(&url)
+            .basic_auth(&target.user, Some(&target.password))
+            .header("content-type", "application/json")
+            .header("idempotency-key", format!("bench-fanout-{run}-{i}"))
+            .body(body)
+            .send();
+        posts.push(tokio::spawn(async move { (scheduled, job_ids(request.await).await) }));
+    }
+    let mut sent: Vec<(Instant, Vec<String>)> = Vec::with_capacity(count);
+    let mut refused = 0;
+    for post in posts {
+        match post.await.expect("post task") {
+            (scheduled, Some(ids)) => sent.push((scheduled, ids)),
+            (_, None) => refused += 1,
+        }
+    }
+    let ids: HashSet<String> = sent.iter().flat_map(|(_, ids)| ids.iter().cloned()).collect();
+    let matched = arrivals.wait_for(&ids, idle).await;
+    let last_receipt = sent
+        .iter()
+        .filter_map(|(scheduled, ids)| {
+            let arrivals: Option<Vec<Instant>> = ids.iter().map(|id| matched.arrived.get(id).copied()).collect();
+            Some(arrivals?.into_iter().max()?.duration_since(*scheduled))
+        })
+        .collect();
+    Fanout {
+        recipients,
+        rate,
+        notifications: count,
+        accepted: sent.len(),
+        refused,
+        stanzas: ids.len(),
+        delivered: matched.arrived.len(),
+        duplicates: matched.duplicates,
+        elapsed: matched.last().map_or(Duration::ZERO, |last| last.saturating_duration_since(first)),
+        last_receipt: Percentiles::of(last_receipt),
+    }
+}
+
+/// The job ids of a 202, None for anything else.
+async fn job_ids(response: reqwest::Result<reqwest::Response>) -> Option<Vec<String>> {
+    let response = response.ok().filter(|r| r.status() == 202)?;
+    let body: serde_json::Value = response.json().await.ok()?;
+    body["jobs"].as_array()?.iter().map(|job| job["id"].as_str().map(str::to_owned)).collect()
+}
