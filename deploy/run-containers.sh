@@ -89,14 +89,30 @@ post() {
     done
 }
 
-# receive SERVER CA TEXT...: bob logs in and must get a message containing
-# each TEXT.
-receive() {
-    local server=$1 ca=$2 expect=() text
+# listen SERVER CA TEXT...: bob logs in (in the background) and must get a
+# message containing each TEXT; returns once he is online, so that what is
+# posted next arrives live. `received` waits for the outcome.
+listener=
+listen() {
+    local server=$1 ca=$2 expect=() text deadline=$((SECONDS + 60))
     shift 2
     for text in "$@"; do expect+=(--expect "$text"); done
+    rm -f "$work/bob.online"
     SSL_CERT_FILE=$ca "$receiver" --jid "$BOB" --password "$BOB_PASSWORD" --server "$server" \
-        "${expect[@]}" --timeout 60s | sed 's/^/  /'
+        --ready-file "$work/bob.online" "${expect[@]}" --timeout 120s >"$work/bob.out" 2>&1 &
+    listener=$!
+    until [ -e "$work/bob.online" ]; do
+        kill -0 "$listener" 2>/dev/null || { cat "$work/bob.out" >&2; die "bob could not log in"; }
+        [ $SECONDS -lt $deadline ] || die "bob was not online within 60 s"
+        sleep 0.2
+    done
+}
+
+received() {
+    local status=0
+    wait "$listener" || status=$?
+    sed 's/^/  /' "$work/bob.out"
+    [ "$status" = 0 ] || die "bob did not receive every message"
 }
 
 # get URL: 200 within 60 s, body on stdout.
@@ -109,6 +125,16 @@ get_ok() {
 }
 
 # ---- compose ----------------------------------------------------------------------
+# fetch_compose_ca COMPOSE...: the demo CA, once Prosody has made it.
+fetch_compose_ca() {
+    if [ "$1" = podman-compose ]; then
+        podman cp herald_prosody_1:/certs/ca.pem "$work/compose-ca.pem" 2>/dev/null
+    else
+        "$@" cp prosody:/certs/ca.pem "$work/compose-ca.pem" 2>/dev/null
+    fi
+    [ -s "$work/compose-ca.pem" ]
+}
+
 run_compose() {
     local compose
     if [ -n "${HERALD_COMPOSE:-}" ]; then
@@ -124,14 +150,15 @@ run_compose() {
     # podman-compose 1.0 leaves the project's network behind.
     cleanups+=("podman network rm herald_default" "${compose[*]} down -v")
     "${compose[@]}" up -d >"$work/compose-up.log" 2>&1 || { cat "$work/compose-up.log" >&2; die "compose up failed"; }
+    local deadline=$((SECONDS + 120))
+    until fetch_compose_ca "${compose[@]}"; do
+        [ $SECONDS -lt $deadline ] || die "the demo Prosody made no CA within 120 s"
+        sleep 1
+    done
+    listen 127.0.0.1:15222 "$work/compose-ca.pem" "from compose ingress-1" "from compose ingress-2"
     post http://127.0.0.1:8081/msg/bob "hello bob, from compose ingress-1"
     post http://127.0.0.1:8082/msg/bob "hello bob, from compose ingress-2"
-    if [ "${compose[0]}" = podman-compose ]; then
-        podman cp herald_prosody_1:/certs/ca.pem "$work/compose-ca.pem"
-    else
-        "${compose[@]}" cp prosody:/certs/ca.pem "$work/compose-ca.pem"
-    fi
-    receive 127.0.0.1:15222 "$work/compose-ca.pem" "from compose ingress-1" "from compose ingress-2"
+    received
     "${compose[@]}" down -v >"$work/compose-down.log" 2>&1 || { cat "$work/compose-down.log" >&2; die "compose down failed"; }
     say "compose stack: ok"
 }
@@ -207,8 +234,9 @@ run_kube() {
         get_ok "http://$ip:$port/metrics" | grep -q "^herald_" || die "$name /metrics has no herald_ series"
         printf '  %s: /healthz /readyz /metrics ok\n' "$name"
     done
+    listen "127.0.0.1:$prosody_port" "$work/kube-ca.pem" "from kube play"
     post "http://$ingress_ip:8080/msg/bob" "hello bob, from kube play"
-    receive "127.0.0.1:$prosody_port" "$work/kube-ca.pem" "from kube play"
+    received
 
     # SIGTERM, as the kubelet sends it: each must exit 0 within its
     # terminationGracePeriodSeconds, or podman would SIGKILL it (137).
@@ -219,6 +247,10 @@ run_kube() {
         podman stop -t "$grace" "$container" >/dev/null 2>>"$work/play.log"
         elapsed=$((SECONDS - start))
         code=$(podman inspect "$container" --format '{{.State.ExitCode}}')
+        if [ "$code" != 0 ] || [ "$elapsed" -gt 5 ]; then
+            # What it was doing (the dev overlay logs at debug; DNS noise left out).
+            podman logs --tail 200 "$container" 2>&1 | grep -v -e hickory -e rustls | tail -n 20 | sed 's/^/    /'
+        fi
         [ "$code" = 0 ] || die "$container exited $code after SIGTERM (grace ${grace}s, took ${elapsed}s)"
         printf '  %s: SIGTERM → exit 0 in %ss (grace %ss)\n' "${container%%-pod-0-*}" "$elapsed" "$grace"
     done

@@ -40,6 +40,11 @@ struct Args {
     /// No TLS (only for a server on loopback that offers none).
     #[arg(long)]
     plaintext: bool,
+    /// Create this file once online, when the server has reflected the
+    /// recipient's presence (from then on, messages arrive live): a script
+    /// can wait for it before it posts.
+    #[arg(long)]
+    ready_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -66,10 +71,11 @@ async fn main() -> ExitCode {
     };
     let mut missing = if args.expect.is_empty() { vec![String::new()] } else { args.expect };
     let jid = args.jid;
+    let mut online = Online { bare_jid: jid.clone(), ready_file: args.ready_file };
     let outcome = tokio::time::timeout(args.timeout, async {
         let mut client = client;
         while !missing.is_empty() {
-            let Some((from, body)) = next_message(&mut client).await else { break };
+            let Some((from, body)) = next_message(&mut client, &mut online).await else { break };
             if let Some(i) = missing.iter().position(|text| body.contains(text.as_str())) {
                 println!("{jid} received from {from}: {body}");
                 missing.swap_remove(i);
@@ -89,14 +95,29 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Who we are, and the file that says we are online.
+struct Online {
+    bare_jid: String,
+    ready_file: Option<std::path::PathBuf>,
+}
+
 /// The sender and body of the next message with a body; goes online (with
 /// presence, which releases offline messages) whenever connected.
-async fn next_message(client: &mut Client) -> Option<(String, String)> {
+async fn next_message(client: &mut Client, online: &mut Online) -> Option<(String, String)> {
     while let Some(event) = client.next().await {
         match event {
             Event::Online { .. } => {
                 if let Err(e) = client.send_stanza(Presence::available().into()).await {
                     eprintln!("cannot send presence: {e}");
+                }
+            }
+            Event::Stanza(Stanza::Presence(presence))
+                if presence.from.as_ref().is_some_and(|f| f.to_bare().to_string() == online.bare_jid) =>
+            {
+                if let Some(path) = online.ready_file.take()
+                    && let Err(e) = std::fs::write(&path, "online\n")
+                {
+                    eprintln!("cannot write {}: {e}", path.display());
                 }
             }
             Event::Stanza(Stanza::Message(message)) => {
