@@ -55,10 +55,12 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # ---- Debian, from the package mirror -------------------------------------------
-# One debootstrap tree serves both bases; its tarball is cached.
+# One debootstrap tree serves both bases; its tarball is cached. `rootfs`
+# unpacks it into $rootfs, once per run.
 rootfs_tar=$cache/bookworm-minbase.tar
+rootfs=$work/rootfs
 rootfs() {
-    local dir=$work/rootfs
+    local dir=$rootfs
     if [ ! -d "$dir" ]; then
         if [ ! -s "$rootfs_tar" ]; then
             command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install -y debootstrap)"
@@ -77,13 +79,12 @@ rootfs() {
         mkdir -p "$dir"
         tar -C "$dir" -xf "$rootfs_tar"
     fi
-    printf '%s\n' "$dir"
 }
 
 debian_base() {
     if have_image "$DEBIAN_IMAGE"; then return; fi
-    local dir
-    dir=$(rootfs)
+    local dir=$rootfs
+    rootfs
     say "importing $DEBIAN_IMAGE"
     tar -C "$dir" -c . | "$engine" import --quiet \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' --change 'CMD ["bash"]' \
@@ -95,8 +96,8 @@ debian_base() {
 # update-ca-certificates generated, and the nonroot user.
 runtime_base() {
     if have_image "$RUNTIME_IMAGE"; then return; fi
-    local dir out pkg
-    dir=$(rootfs)
+    local dir=$rootfs out pkg
+    rootfs
     out=$work/runtime
     say "assembling $RUNTIME_IMAGE from Debian's libc6, libgcc-s1, ca-certificates, tzdata, netbase, base-files"
     mkdir -p "$out/usr/bin" "$out/usr/sbin" "$out/usr/lib" "$out/usr/lib64"
