@@ -41,6 +41,7 @@ impl Application {
     /// Loads and checks the accounts file and binds the admin listener.
     /// Nothing connects until `run_until`.
     pub async fn build(config: Config) -> Result<Self, Error> {
+        config.check().map_err(Error::Config)?;
         let file =
             config.accounts_file.clone().ok_or_else(|| Error::Config("HERALD_ACCOUNTS_FILE is required".into()))?;
         let accounts = accounts::load(&file)?;
@@ -71,16 +72,18 @@ impl Application {
         let Self { config, amqp_urls, accounts, admin, metrics, delivery: ready_delivery } = self;
         let stop_admin = CancellationToken::new();
         let admin = tokio::spawn(admin.serve(stop_admin.clone().cancelled_owned()));
-        let stop_sessions = CancellationToken::new();
         let settings = delivery::Settings {
-            session: SessionSettings { ack_timeout: config.ack_timeout, nick_suffix: config.instance.clone() },
+            session: SessionSettings {
+                ack_timeout: config.ack_timeout,
+                idle: config.idle_sessions_close_after(),
+                nick_suffix: config.instance.clone(),
+            },
             policy: Policy { delays: config.retry_delays.0.clone(), unknown_sender_grace: config.unknown_sender_grace },
             online_timeout: config.online_timeout,
             max_stanza_bytes: config.max_stanza_bytes,
             idempotency_window: config.idempotency_window,
         };
-        let (delivery, session_tasks) = Delivery::start(accounts, settings, Arc::clone(&metrics), &stop_sessions);
-        let delivery = Arc::new(delivery);
+        let delivery = Arc::new(Delivery::start(accounts, settings, Arc::clone(&metrics)));
         let _ = ready_delivery.set(Arc::clone(&delivery));
         let publisher = Arc::new(ConfirmChannel::new(
             amqp_urls.clone(),
@@ -89,7 +92,7 @@ impl Application {
             config.retry_delays.0.clone(),
         ));
         let worker = Arc::new(Worker::new(
-            delivery,
+            Arc::clone(&delivery),
             Arc::clone(&publisher),
             config.retry_delays.0.clone(),
             Arc::clone(&metrics),
@@ -113,10 +116,7 @@ impl Application {
         if let Err(e) = consumer.await {
             tracing::error!(error = %e, "consumer task failed");
         }
-        stop_sessions.cancel();
-        for task in session_tasks {
-            drop(task.await);
-        }
+        delivery.close_sessions().await;
         // Ends when the last session is gone, or gives up on a broker that
         // does not take a bounced job within the drain timeout.
         let give_up = tokio::spawn({

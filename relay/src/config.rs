@@ -102,6 +102,14 @@ pub struct Config {
     #[arg(long, env = "HERALD_ONLINE_TIMEOUT", default_value = "10s", value_parser = at_least::<100>)]
     pub online_timeout: Duration,
 
+    /// Open each sender's XMPP session for its first job and close it after
+    /// it has taken no job for this long; unset or 0s: every session opens
+    /// at start and stays open. For many occasional senders (the relay then
+    /// holds only the sessions in use). Must be longer than two ack
+    /// timeouts.
+    #[arg(long, env = "HERALD_SESSION_IDLE", value_parser = humantime::parse_duration)]
+    pub session_idle: Option<Duration>,
+
     /// On shutdown, how long to wait for the acks of jobs already sent (at
     /// least 1s).
     #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "20s", value_parser = at_least::<1000>)]
@@ -172,6 +180,28 @@ fn at_least<const MIN_MS: u64>(text: &str) -> Result<Duration, String> {
         return Err(format!("must be at least {}", humantime::format_duration(min)));
     }
     Ok(duration)
+}
+
+impl Config {
+    /// `HERALD_SESSION_IDLE`, `None` for 0s.
+    pub fn idle_sessions_close_after(&self) -> Option<Duration> {
+        self.session_idle.filter(|idle| !idle.is_zero())
+    }
+
+    /// What single settings cannot check: how they fit together.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(idle) = self.idle_sessions_close_after()
+            && idle <= self.ack_timeout * 2
+        {
+            return Err(format!(
+                "HERALD_SESSION_IDLE ({}) must be longer than two HERALD_ACK_TIMEOUTs ({}): a session must not close \
+                 while a job it took still waits for its acknowledgement",
+                humantime::format_duration(idle),
+                humantime::format_duration(self.ack_timeout * 2)
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `HERALD_INSTANCE` when it is not set.

@@ -28,6 +28,10 @@ pub enum DeliveryError {
     /// replica may.
     #[error("no account: {0}")]
     NoAccount(String),
+    /// The sender's session closed (idle) as the job reached it: a new
+    /// session takes it. Never leaves the session pool.
+    #[error("the XMPP session closed")]
+    SessionClosed,
     /// Will never succeed as it is: park it for an operator.
     #[error("permanent: {0}")]
     Permanent(String),

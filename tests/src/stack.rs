@@ -22,6 +22,9 @@ pub struct StackOptions {
     pub extra_users: String,
     /// The relay's `HERALD_UNKNOWN_SENDER_GRACE`.
     pub unknown_sender_grace: Duration,
+    /// The relay's `HERALD_SESSION_IDLE` (with it, a 2 s ack timeout, so
+    /// that the idle time may be short).
+    pub session_idle: Option<Duration>,
 }
 
 impl Default for StackOptions {
@@ -33,6 +36,7 @@ impl Default for StackOptions {
             stream_management: true,
             extra_users: String::new(),
             unknown_sender_grace: Duration::from_secs(300),
+            session_idle: None,
         }
     }
 }
@@ -58,6 +62,12 @@ pub struct Stack {
 /// An HTTP user for the users file, with the argon2id hash of `password`.
 pub fn user_entry(jid: &str, password: &str, from: Option<&str>) -> String {
     let hash = herald_ingress::hash_password::hash(password).expect("hash");
+    user_entry_hashed(jid, &hash, from)
+}
+
+/// An HTTP user for the users file, with a password hash made already (many
+/// users may share one password, and so one hash).
+pub fn user_entry_hashed(jid: &str, hash: &str, from: Option<&str>) -> String {
     let from = from.map(|f| format!("from = \"{f}\"\n")).unwrap_or_default();
     format!("[[users]]\njid = \"{jid}\"\npassword_hash = \"{hash}\"\n{from}")
 }
@@ -96,6 +106,10 @@ impl Stack {
         if options.relay {
             let mut config = relay_config(&amqp_url, &broker.prefix, accounts_file, &options.retry_delays);
             config.unknown_sender_grace = options.unknown_sender_grace;
+            if let Some(idle) = options.session_idle {
+                config.session_idle = Some(idle);
+                config.ack_timeout = Duration::from_secs(2);
+            }
             let relay = herald_relay::Application::build(config).await.expect("relay builds");
             relay_admin_url = Some(format!("http://127.0.0.1:{}", relay.admin_port()));
             let token = stop.clone();
@@ -198,6 +212,7 @@ pub fn relay_config(
         ack_timeout: Duration::from_secs(10),
         online_timeout: Duration::from_secs(10),
         max_stanza_bytes: 256 * 1024,
+        session_idle: None,
         drain_timeout: Duration::from_secs(10),
         idempotency_window: Duration::from_secs(600),
         unknown_sender_grace: Duration::from_secs(300),

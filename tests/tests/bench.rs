@@ -10,7 +10,7 @@ fn the_benchmark_runs_and_loses_nothing() {
     let output = Command::new(bench)
         .args(["--rounds", "1", "--publish-time", "300ms", "--ingress-time", "300ms", "--latency-time", "1s"])
         .args(["--xmpp-messages", "300", "--e2e-messages", "300", "--rate", "200", "--concurrency", "8"])
-        .args(["--wide-channels", "1", "--wide-in-flight", "8"])
+        .args(["--wide-channels", "1", "--wide-in-flight", "8", "--senders", "3"])
         .output()
         .expect("run herald-bench");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -30,6 +30,8 @@ fn the_benchmark_runs_and_loses_nothing() {
     );
     assert!(row("end to end latency").contains("200/200 delivered, 0 lost"), "{stdout}");
     assert!(row("XMPP ceiling").contains("300/300 received"), "{stdout}");
+    assert!(row("senders: herald-relay with 4 sender accounts").contains("4 sessions online"), "{stdout}");
+    assert!(row("senders: whole path").contains("300/300 delivered, 0 lost"), "{stdout}");
     for service in ["herald-ingress", "herald-relay"] {
         assert!(row(&format!("peak RSS (VmHWM) {service}")).contains(" MiB"), "{stdout}");
     }

@@ -134,3 +134,41 @@ async fn a_start_up_that_fails_on_its_configuration_declares_nothing_on_the_brok
     assert!(error.to_string().contains("HERALD_MAX_STANZA_BYTES"), "{error}");
     assert!(!broker.exchange_exists(&broker.topology().exchange()).await, "nothing was declared");
 }
+
+/// `HERALD_SESSION_IDLE`: no session until a sender's first job, closed
+/// after the idle time, opened again by the next job; nothing lost or sent
+/// twice across the close.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_open_on_first_use_and_close_when_idle() {
+    let idle = Duration::from_secs(5);
+    let stack = Stack::start(StackOptions { session_idle: Some(idle), ..StackOptions::default() }).await;
+    let relay_admin = stack.relay_admin_url.clone().expect("relay runs");
+    let sessions = || async {
+        let (_, text) = get(&stack.http, &format!("{relay_admin}/metrics")).await;
+        sample(&text, "herald_sessions_online")
+    };
+    poll::until("the relay to be ready without opening a session", DEADLINE, || async {
+        (get(&stack.http, &format!("{relay_admin}/readyz")).await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(sessions().await, Some(0.0), "no session before the first job");
+
+    let recipient = stack.prosody.register("idle");
+    let mut rx = Receiver::connect(&stack.prosody, &recipient).await;
+    for round in ["first", "after the close"] {
+        for i in 0..3 {
+            let body = format!("{round} {i}");
+            let response = stack.post(&format!("/msg/{}", recipient.jid), Some("text/plain"), body).await;
+            assert_eq!(response.status(), 202);
+        }
+        let got = rx.collect(3, DEADLINE).await;
+        let mut bodies: Vec<String> = got.iter().map(|m| m.body.clone()).collect();
+        bodies.sort();
+        assert_eq!(bodies, (0..3).map(|i| format!("{round} {i}")).collect::<Vec<_>>(), "each once: {got:#?}");
+        assert_eq!(sessions().await, Some(1.0), "the sender's session is open");
+        poll::until("the idle session to close", idle * 4, || async { (sessions().await == Some(0.0)).then_some(()) })
+            .await;
+    }
+    assert!(rx.next(Duration::ZERO).await.is_none(), "nothing sent twice");
+    stack.stop().await;
+}

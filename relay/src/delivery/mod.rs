@@ -11,11 +11,7 @@ pub mod seen;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use herald_shared::{Job, Sender, job::now_ms, telemetry::Repeated};
-use tokio::{
-    sync::{Mutex, mpsc},
-    task::JoinHandle,
-};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Mutex, mpsc};
 
 use self::{
     bounces::{Bounces, Delivered, Lookup},
@@ -25,7 +21,7 @@ use self::{
 use crate::{
     error::DeliveryError,
     metrics::{ConditionLabels, Metrics, Outcome},
-    xmpp::{self, Account, Bounce, SessionHandle, SessionSettings},
+    xmpp::{self, Account, Bounce, SessionSettings, Sessions},
 };
 
 /// What becomes of a delivery.
@@ -75,7 +71,7 @@ pub struct Settings {
 
 #[derive(Debug)]
 pub struct Delivery {
-    sessions: HashMap<Sender, SessionHandle>,
+    sessions: Sessions,
     policy: Policy,
     online_timeout: Duration,
     max_stanza_bytes: usize,
@@ -93,29 +89,12 @@ pub struct Delivery {
 const RETRY_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Delivery {
-    /// Starts a session for each account; they run until `stop` is
-    /// cancelled. Returns the session tasks, to be awaited at shutdown.
-    pub fn start(
-        accounts: Vec<Account>,
-        settings: Settings,
-        metrics: Arc<Metrics>,
-        stop: &CancellationToken,
-    ) -> (Self, Vec<JoinHandle<()>>) {
+    /// Starts the sessions (see [`Sessions`]); they run until
+    /// `close_sessions`.
+    pub fn start(accounts: Vec<Account>, settings: Settings, metrics: Arc<Metrics>) -> Self {
         let (bounces_tx, bounced) = mpsc::unbounded_channel();
-        let mut sessions = HashMap::new();
-        let mut tasks = Vec::new();
-        for account in accounts {
-            let (handle, task) = xmpp::session::spawn(
-                account,
-                &settings.session,
-                bounces_tx.clone(),
-                Arc::clone(&metrics),
-                stop.clone(),
-            );
-            sessions.insert(handle.jid().clone(), handle);
-            tasks.push(task);
-        }
-        let delivery = Self {
+        let sessions = Sessions::start(accounts, settings.session, bounces_tx, Arc::clone(&metrics));
+        Self {
             sessions,
             policy: settings.policy,
             online_timeout: settings.online_timeout,
@@ -125,13 +104,17 @@ impl Delivery {
             bounced: Mutex::new(bounced),
             metrics,
             retry_logs: std::sync::Mutex::default(),
-        };
-        (delivery, tasks)
+        }
     }
 
-    /// What keeps the sessions from delivering, one entry per session.
+    /// What keeps the open sessions from delivering, one entry per session.
     pub fn problems(&self) -> Vec<String> {
-        self.sessions.values().filter_map(|s| s.problem().map(|why| format!("{}: {why}", s.jid()))).collect()
+        self.sessions.problems()
+    }
+
+    /// Closes the sessions cleanly and waits for them.
+    pub async fn close_sessions(&self) {
+        self.sessions.close().await;
     }
 
     /// Delivers one job and says how to settle it.
@@ -210,9 +193,12 @@ impl Delivery {
     }
 
     async fn deliver(&self, job: &Job) -> Result<(), DeliveryError> {
-        let session = self.sessions.get(job.sender()).ok_or_else(|| {
-            DeliveryError::NoAccount(format!("this relay holds no XMPP account for sender {}", job.sender()))
-        })?;
+        if !self.sessions.holds(job.sender()) {
+            return Err(DeliveryError::NoAccount(format!(
+                "this relay holds no XMPP account for sender {}",
+                job.sender()
+            )));
+        }
         let size = job.xml_size();
         if size > self.max_stanza_bytes {
             return Err(DeliveryError::Permanent(format!(
@@ -220,7 +206,7 @@ impl Delivery {
                 self.max_stanza_bytes
             )));
         }
-        session.deliver(xmpp::stanza::message(job), self.online_timeout).await
+        self.sessions.deliver(job.sender(), || xmpp::stanza::message(job), self.online_timeout).await
     }
 
     /// The next job that bounced after the server had acknowledged it, with

@@ -49,6 +49,9 @@ impl Policy {
                 attempts: attempt,
                 reason: format!("{why}, and no relay took the job within {:?}", self.unknown_sender_grace),
             },
+            // The session pool hands such a job to a new session; should one
+            // get here, it is an ordinary transient failure.
+            DeliveryError::SessionClosed => self.after(&DeliveryError::Transient(reason), attempts_so_far, age),
         }
     }
 }

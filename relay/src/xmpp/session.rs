@@ -171,6 +171,11 @@ impl SessionHandle {
         *self.online.borrow()
     }
 
+    /// The session task has ended (idle, or shut down): it takes no jobs.
+    pub fn is_closed(&self) -> bool {
+        self.jobs.is_closed()
+    }
+
     /// Why the session cannot deliver now, if it cannot: its task stopped
     /// turning, it is offline, or its server stopped taking or acking
     /// stanzas.
@@ -211,13 +216,15 @@ impl SessionHandle {
             return Err(offline());
         }
         let mut online = self.online.clone();
-        if !matches!(tokio::time::timeout(online_timeout, online.wait_for(|o| *o)).await, Ok(Ok(_))) {
-            return Err(offline());
+        match tokio::time::timeout(online_timeout, online.wait_for(|o| *o)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(DeliveryError::SessionClosed),
+            Err(_) => return Err(offline()),
         }
         let (reply, sent) = oneshot::channel();
         match tokio::time::timeout(ENQUEUE_TIMEOUT, self.jobs.send(Outgoing { message, reply })).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(offline()),
+            Ok(Err(_)) => return Err(DeliveryError::SessionClosed),
             Err(_) => {
                 return Err(DeliveryError::Transient(format!(
                     "the XMPP session of {} took no job within {ENQUEUE_TIMEOUT:?}",
@@ -259,6 +266,10 @@ impl SessionHandle {
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
     pub ack_timeout: Duration,
+    /// Close the session once it has taken no job for this long (`None`:
+    /// keep it open). Longer than two ack timeouts, so that no job taken
+    /// before is still waiting for its acknowledgement.
+    pub idle: Option<Duration>,
     /// Appended to the nick (`nick-suffix`) when a room says the nick is
     /// taken, e.g. by another relay replica on a server without
     /// multi-session nicks.
@@ -306,6 +317,7 @@ pub fn spawn(
         stream_management: false,
         pings: HashMap::new(),
         outbox: VecDeque::new(),
+        idle: settings.idle,
     };
     let task = tokio::spawn(session.run(jobs_rx, shutdown));
     (handle, task)
@@ -355,18 +367,33 @@ struct Session {
     login_tx: watch::Sender<LoginState>,
     /// Connections lost since the last one that got a session going.
     lost_in_a_row: u32,
+    /// See `SessionSettings::idle`.
+    idle: Option<Duration>,
 }
 
 impl Session {
     async fn run(mut self, mut jobs: mpsc::Receiver<Outgoing>, shutdown: CancellationToken) {
         tracing::info!(account = %self.account.jid, "XMPP session starting");
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut last_job = Instant::now();
         loop {
             self.health.turned();
             self.flush_outbox();
             let waiting = !self.outbox.is_empty();
+            let idle_until = self.idle.map(|idle| tokio::time::Instant::from(last_job + idle));
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = sleep_until(idle_until), if idle_until.is_some() && !waiting => {
+                    // No job was taken for longer than any job waits for its
+                    // ack: nothing is in flight. One sent in this instant is
+                    // handed back for a new session.
+                    jobs.close();
+                    while let Ok(job) = jobs.try_recv() {
+                        let _ = job.reply.send(Err(DeliveryError::SessionClosed));
+                    }
+                    tracing::info!(account = %self.account.jid, "XMPP session idle; closing it until its next job");
+                    break;
+                }
                 event = self.stream.next() => match event {
                     Some(event) => self.on_event(event).await,
                     None => {
@@ -374,7 +401,10 @@ impl Session {
                         break;
                     }
                 },
-                Some(job) = jobs.recv(), if self.outbox.len() < OUTBOX_LIMIT => self.send(job),
+                Some(job) = jobs.recv(), if self.outbox.len() < OUTBOX_LIMIT => {
+                    last_job = Instant::now();
+                    self.send(job);
+                }
                 Ok(()) = self.login.changed() => self.on_login(),
                 _ = heartbeat.tick() => {}
                 () = tokio::time::sleep(OUTBOX_RETRY), if waiting => {}
@@ -605,6 +635,14 @@ impl Session {
         // Right behind the message, ahead of anything queued later.
         self.outbox.push_front(Queued { stanza: Out::Iq(ping), since: Instant::now() });
         rx
+    }
+}
+
+/// Sleeps until `at`; never wakes for `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -2,7 +2,7 @@
 //! `ServiceEnv`, with their logs in a temporary directory.
 
 use herald_tests::binaries::{Service, ServiceEnv};
-use herald_tests::stack::user_entry;
+use herald_tests::stack::{user_entry, user_entry_hashed};
 use herald_tests::{Broker, Prosody, XmppAccount, poll};
 use lapin::options::QueuePurgeOptions;
 use std::path::PathBuf;
@@ -35,6 +35,21 @@ impl Herald {
         Self { env, http_user: sender.jid.clone(), http_password, dir, ingress: None, relay: None }
     }
 
+    /// Adds users who post as themselves, and the relay accounts to send as
+    /// them, all with one password (one argon2 hash for all: writing a
+    /// thousand hashes would take the machine half a minute). Takes effect
+    /// when the services start next.
+    pub fn add_senders(&self, prosody: &Prosody, senders: &[XmppAccount], password: &str) {
+        use std::io::Write;
+        let hash = herald_ingress::hash_password::hash(password).expect("hash");
+        let append = |path: &std::path::Path, text: String| {
+            let mut file = std::fs::OpenOptions::new().append(true).open(path).expect("open for appending");
+            file.write_all(text.as_bytes()).expect("append");
+        };
+        append(&self.env.users_file, senders.iter().map(|s| user_entry_hashed(&s.jid, &hash, None)).collect());
+        append(&self.env.accounts_file, senders.iter().map(|s| prosody.accounts_entry(s)).collect());
+    }
+
     pub fn log(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.log"))
     }
@@ -47,14 +62,26 @@ impl Herald {
         let env = with_extra(self.env.ingress(), extra);
         let service = Service::spawn_logged("herald-ingress", &env, Some(&self.log("herald-ingress")));
         self.ingress = Some(service);
-        ready(http, self.env.ingress_admin_port, "herald-ingress").await;
+        ready_within(http, self.env.ingress_admin_port, "herald-ingress", READY_TIMEOUT).await;
     }
 
     pub async fn start_relay(&mut self, http: &reqwest::Client, extra: &[(String, String)]) {
+        self.start_relay_within(http, extra, READY_TIMEOUT).await;
+    }
+
+    /// Starts the relay and waits up to `deadline` for it to be ready.
+    pub async fn start_relay_within(&mut self, http: &reqwest::Client, extra: &[(String, String)], deadline: Duration) {
         let env = with_extra(self.env.relay(), extra);
         let service = Service::spawn_logged("herald-relay", &env, Some(&self.log("herald-relay")));
         self.relay = Some(service);
-        ready(http, self.env.relay_admin_port, "herald-relay").await;
+        ready_within(http, self.env.relay_admin_port, "herald-relay", deadline).await;
+    }
+
+    /// Stops the ingress (SIGTERM), leaving the relay and the queues.
+    pub async fn stop_ingress(&mut self) {
+        if let Some(ingress) = self.ingress.take() {
+            ingress.terminate(STOP_TIMEOUT).await;
+        }
     }
 
     /// Stops the relay (SIGTERM), leaving the ingress and the queues.
@@ -111,9 +138,9 @@ fn with_extra(mut env: Vec<(&'static str, String)>, extra: &[(String, String)]) 
 }
 
 /// Waits for a service's `/readyz` to answer 200.
-async fn ready(http: &reqwest::Client, admin_port: u16, name: &str) {
+async fn ready_within(http: &reqwest::Client, admin_port: u16, name: &str, deadline: Duration) {
     let url = format!("http://127.0.0.1:{admin_port}/readyz");
-    poll::until(&format!("{name} to be ready"), READY_TIMEOUT, || {
+    poll::until(&format!("{name} to be ready"), deadline, || {
         let request = http.get(&url).send();
         async move { request.await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
     })

@@ -12,8 +12,9 @@ pub struct Target {
     pub http: reqwest::Client,
     /// `http://127.0.0.1:<port>/msg/<recipient>`
     pub url: String,
-    pub user: String,
-    pub password: String,
+    /// Who posts, as (user, password): the first user for single posts;
+    /// the closed loop takes them in turn.
+    pub users: Vec<(String, String)>,
     pub body_bytes: usize,
 }
 
@@ -70,12 +71,19 @@ pub fn client(concurrency: usize) -> reqwest::Client {
 }
 
 impl Target {
+    /// The first user, who makes single posts.
+    pub fn user(&self) -> (&str, &str) {
+        let (user, password) = self.users.first().expect("a target has a user");
+        (user, password)
+    }
+
     /// Posts one `text/plain` message; the job id if it got a 202.
     pub async fn post(&self, tag: &str) -> Option<String> {
+        let (user, password) = self.user();
         let response = self
             .http
             .post(&self.url)
-            .basic_auth(&self.user, Some(&self.password))
+            .basic_auth(user, Some(password))
             .header("content-type", "text/plain")
             .body(crate::jobs::body(tag, self.body_bytes))
             .send()
@@ -153,14 +161,21 @@ impl Connection {
 }
 
 /// `connections` tasks, each on its own keep-alive connection, post back to
-/// back until `limit`.
+/// back until `limit`; message `i` is posted as the target's user `i` modulo
+/// their number.
 pub async fn closed_loop(target: Arc<Target>, connections: usize, limit: Limit) -> Outcome {
     use base64::Engine;
     let next = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new(Outcome::default()));
     let path: Arc<str> = reqwest::Url::parse(&target.url).expect("target URL").path().into();
-    let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", target.user, target.password));
-    let authorization = http::HeaderValue::from_str(&format!("Basic {credentials}")).expect("header value");
+    let authorizations: Arc<[http::HeaderValue]> = target
+        .users
+        .iter()
+        .map(|(user, password)| {
+            let credentials = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            http::HeaderValue::from_str(&format!("Basic {credentials}")).expect("header value")
+        })
+        .collect();
     let mut opened = Vec::with_capacity(connections);
     for _ in 0..connections {
         opened.push(Connection::open(&target).await);
@@ -169,17 +184,18 @@ pub async fn closed_loop(target: Arc<Target>, connections: usize, limit: Limit) 
     let workers: Vec<_> = opened
         .into_iter()
         .map(|mut connection| {
-            let (target, next, results, path, authorization) = (
+            let (target, next, results, path, authorizations) = (
                 Arc::clone(&target),
                 Arc::clone(&next),
                 Arc::clone(&results),
                 Arc::clone(&path),
-                authorization.clone(),
+                Arc::clone(&authorizations),
             );
             tokio::spawn(async move {
                 while let Some(i) = take(&next, limit, started) {
                     let sent = Instant::now();
-                    let id = connection.post(&target, &path, &authorization, &format!("closed {i}")).await;
+                    let authorization = &authorizations[i % authorizations.len()];
+                    let id = connection.post(&target, &path, authorization, &format!("closed {i}")).await;
                     record(&results, id.map(|id| Accepted { id, scheduled: sent, sent, answered: Instant::now() }));
                 }
             })

@@ -45,6 +45,12 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     kib(&field(&status, "VmHWM")?)
 }
 
+/// A process's resident set now (`VmRSS`) in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    kib(&field(&status, "VmRSS")?)
+}
+
 /// User plus system CPU time of some processes so far, in seconds.
 pub fn cpu_seconds(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|pid| cpu_ticks(*pid)).sum::<u64>() as f64 / clock_ticks_per_second()

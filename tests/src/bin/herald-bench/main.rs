@@ -97,8 +97,7 @@ async fn main() {
     let target = Arc::new(Target {
         http: http_load::client(options.concurrency),
         url: herald.ingress_url(&accounts.receiver.jid),
-        user: herald.http_user.clone(),
-        password: herald.http_password.clone(),
+        users: vec![(herald.http_user.clone(), herald.http_password.clone())],
         body_bytes: options.body_bytes,
     });
     progress("starting herald-ingress");
@@ -239,6 +238,13 @@ async fn main() {
     } else {
         None
     };
+    let senders = if options.senders > 0 {
+        let result = storm::senders(&prosody, &mut herald, &target, &mut arrivals, &options).await;
+        cpu.push(result.cpu.clone());
+        Some(result)
+    } else {
+        None
+    };
     progress(&format!(
         "stopping; service logs in {} (kept with HERALD_TEST_KEEP=1)",
         herald.log("").parent().map(|p| p.display().to_string()).unwrap_or_default()
@@ -262,6 +268,7 @@ async fn main() {
         paced,
         fanout,
         backlog,
+        senders,
         rss_ingress_kib,
         rss_relay_kib,
         cpu,

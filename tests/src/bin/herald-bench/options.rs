@@ -89,6 +89,12 @@ pub struct Options {
     #[arg(long, env = "HERALD_BENCH_FANOUT_TIME", default_value = "10s", value_parser = humantime::parse_duration)]
     pub fanout_time: Duration,
 
+    /// Alert-storm phase: this many more users, each posting as its own XMPP
+    /// account of the relay (0: off; e.g. 1000). Runs last: the services
+    /// keep the senders.
+    #[arg(long, env = "HERALD_BENCH_SENDERS", default_value_t = 0)]
+    pub senders: usize,
+
     /// Extra environment for herald-ingress, `KEY=VALUE` (repeatable), to
     /// measure other settings.
     #[arg(long = "ingress-env", value_name = "KEY=VALUE", value_parser = parse_env)]

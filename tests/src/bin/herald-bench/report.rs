@@ -6,7 +6,7 @@ use crate::http_load::Outcome;
 use crate::machine::Machine;
 use crate::options::Options;
 use crate::stats::{Percentiles, ms};
-use crate::storm::{Backlog, Fanout};
+use crate::storm::{Backlog, Fanout, Senders};
 use crate::xmpp_ceiling::{Direct, DirectPaced};
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ const MAX_P99_UNDER_ATTACK: Duration = Duration::from_millis(50);
 const MAX_CPU_PER_MESSAGE: Duration = Duration::from_micros(30);
 /// A backlog drains at this share of the XMPP ceiling or better.
 const MIN_DRAIN_RATIO: f64 = 0.80;
+/// What an open sender session may add to the relay's resident set.
+const MAX_RSS_KIB_PER_SESSION: u64 = 16;
 
 /// Phase 2b: cached clients at a fixed rate while wrong guesses arrive.
 #[derive(Debug)]
@@ -96,6 +98,7 @@ pub struct Results {
     pub paced: Paced,
     pub fanout: Option<Fanout>,
     pub backlog: Option<Backlog>,
+    pub senders: Option<Senders>,
     pub rss_ingress_kib: Option<u64>,
     pub rss_relay_kib: Option<u64>,
     pub cpu: Vec<CpuUse>,
@@ -179,7 +182,61 @@ fn rows(r: &Results) -> Vec<Row> {
     rows.push(rss_row("peak RSS (VmHWM) herald-relay, whole run", r.rss_relay_kib));
     rows.extend(r.fanout.iter().map(|f| fanout_row(r, f)));
     rows.extend(r.backlog.iter().flat_map(|b| backlog_rows(r, b)));
+    rows.extend(r.senders.iter().flat_map(|s| senders_rows(r, s)));
     rows
+}
+
+fn senders_rows(r: &Results, s: &Senders) -> Vec<Row> {
+    let count = |n: Option<f64>| n.map_or_else(|| "n/a".into(), |n| format!("{n:.0}"));
+    let ratio = s.rate() / xmpp_ceiling(r).max(1e-9);
+    let rss_limit = MAX_RSS_KIB + MAX_RSS_KIB_PER_SESSION * s.sessions_after.unwrap_or(0.0) as u64;
+    let lost = s.accepted - s.delivered;
+    vec![
+        Row::info(
+            format!("senders: herald-relay with {} sender accounts, spawn → /readyz 200", s.senders + 1),
+            format!(
+                "**{:.1} s**, {} sessions online, RSS {} (the {} accounts registered in {:.0} s)",
+                s.relay_ready_in.as_secs_f64(),
+                count(s.sessions_at_ready),
+                mib(s.relay_rss_at_ready_kib),
+                s.senders,
+                s.registered_in.as_secs_f64()
+            ),
+        ),
+        Row::info(
+            format!("senders: each sender's first message, POST → receipt ({} senders)", s.senders),
+            summary(s.first_message),
+        ),
+        Row {
+            what: format!(
+                "senders: whole path, {} messages from {} senders in turn, as fast as possible",
+                s.accepted, s.senders
+            ),
+            result: format!(
+                "**{:.0} msg/s** ({}/{} delivered, {lost} lost, {} duplicates; herald-ingress + herald-relay CPU {:.0} µs per message)",
+                s.rate(),
+                s.delivered,
+                s.accepted,
+                s.duplicates,
+                s.herald_cpu * 1e6
+            ),
+            ceiling: format!("{:.0} msg/s", xmpp_ceiling(r)),
+            ratio: percent(ratio),
+            target: format!("≥ {}, none lost", percent(MIN_E2E_RATIO)),
+            verdict: verdict(ratio >= MIN_E2E_RATIO && lost == 0),
+        },
+        Row {
+            what: format!(
+                "senders: peak RSS (VmHWM) herald-relay, {} sessions online after the run",
+                count(s.sessions_after)
+            ),
+            result: mib(s.relay_peak_rss_kib),
+            ceiling: String::new(),
+            ratio: String::new(),
+            target: format!("≤ {} (64 MiB + 16 KiB per open session)", mib(Some(rss_limit))),
+            verdict: verdict(s.relay_peak_rss_kib.is_some_and(|k| k <= rss_limit)),
+        },
+    ]
 }
 
 fn xmpp_ceiling(r: &Results) -> f64 {
@@ -486,7 +543,7 @@ fn drain_row(r: &Results) -> Row {
 fn rss_row(what: &str, kib: Option<u64>) -> Row {
     Row {
         what: what.into(),
-        result: kib.map_or_else(|| "unknown".into(), |k| format!("**{:.1} MiB**", k as f64 / 1024.0)),
+        result: format!("**{}**", mib(kib)),
         ceiling: String::new(),
         ratio: String::new(),
         target: format!("≤ {} MiB", MAX_RSS_KIB / 1024),
@@ -556,4 +613,8 @@ fn percent(ratio: f64) -> String {
 
 fn verdict(pass: bool) -> String {
     if pass { "PASS".into() } else { "**MISS**".into() }
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or_else(|| "unknown".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
 }

@@ -7,10 +7,14 @@
 //! - **fan-out** (`--fanout R`): Alertmanager notifications, each to R
 //!   recipients, at a fixed rate: stanzas per second delivered, and the time
 //!   from each POST to its last recipient's receipt.
+//! - **senders** (`--senders N`): N more users posting as N XMPP accounts of
+//!   the relay: the relay's start-up, its sessions and memory, each sender's
+//!   first message, and the whole path's rate with all of them in turn.
 
 use crate::arrivals::Arrivals;
 use crate::herald::Herald;
 use crate::http_load::{self, Limit, Target};
+use crate::options::Options;
 use crate::stats::Percentiles;
 use herald_tests::{Prosody, XmppAccount};
 use std::collections::HashSet;
@@ -187,13 +191,14 @@ pub async fn fanout(
     // payload again would get the first one's jobs back. Alertmanager sends
     // a new notification per change; a key per post stands for that.
     let run = uuid::Uuid::new_v4().simple();
+    let (user, password) = target.user();
     for i in 0..count {
         let scheduled = first + period * i as u32;
         tokio::time::sleep_until(scheduled.into()).await;
         let request = target
             .http
             .post(&url)
-            .basic_auth(&target.user, Some(&target.password))
+            .basic_auth(user, Some(password))
             .header("content-type", "application/json")
             .header("idempotency-key", format!("bench-fanout-{run}-{i}"))
             .body(body)
@@ -236,4 +241,114 @@ async fn job_ids(response: reqwest::Result<reqwest::Response>) -> Option<Vec<Str
     let response = response.ok().filter(|r| r.status() == 202)?;
     let body: serde_json::Value = response.json().await.ok()?;
     body["jobs"].as_array()?.iter().map(|job| job["id"].as_str().map(str::to_owned)).collect()
+}
+
+/// How long a relay with many sender accounts may take to be ready.
+const SENDERS_READY_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Debug)]
+pub struct Senders {
+    pub senders: usize,
+    /// Registering the accounts on the bench's Prosody.
+    pub registered_in: Duration,
+    /// From spawning the relay to its `/readyz` answering 200.
+    pub relay_ready_in: Duration,
+    /// `herald_sessions_online` when the relay became ready, and after the run.
+    pub sessions_at_ready: Option<f64>,
+    pub sessions_after: Option<f64>,
+    /// The relay's resident set when ready, and its peak after the run (KiB).
+    pub relay_rss_at_ready_kib: Option<u64>,
+    pub relay_peak_rss_kib: Option<u64>,
+    /// Each sender's first message: POST → receipt.
+    pub first_message: Option<Percentiles>,
+    /// The measured run: every sender in turn, as fast as possible.
+    pub accepted: usize,
+    pub delivered: usize,
+    pub duplicates: usize,
+    pub elapsed: Duration,
+    /// CPU use during the measured run.
+    pub cpu: crate::report::CpuUse,
+    /// Herald's CPU (ingress + relay) per delivered message in the measured
+    /// run, seconds.
+    pub herald_cpu: f64,
+}
+
+impl Senders {
+    pub fn rate(&self) -> f64 {
+        crate::stats::rate(self.delivered, self.elapsed)
+    }
+}
+
+/// Registers `--senders` accounts, restarts the ingress and the relay with a
+/// user and a sender account for each, times the relay's start, sends each
+/// sender's first message, then `--e2e-messages` messages from all of them in
+/// turn. Leaves the services running with the senders configured.
+pub async fn senders(
+    prosody: &Prosody,
+    herald: &mut Herald,
+    target: &Target,
+    arrivals: &mut Arrivals,
+    options: &Options,
+) -> Senders {
+    let (senders, messages, concurrency, idle) =
+        (options.senders, options.e2e_messages, options.concurrency, options.idle_timeout);
+    crate::progress(&format!("senders: registering {senders} XMPP accounts"));
+    let started = Instant::now();
+    let accounts: Vec<XmppAccount> = (0..senders).map(|i| prosody.register(&format!("s{i}"))).collect();
+    let registered_in = started.elapsed();
+    let password = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    herald.add_senders(prosody, &accounts, &password);
+    herald.stop_relay().await;
+    herald.stop_ingress().await;
+    herald.start_ingress(&target.http, &options.ingress_env).await;
+    crate::progress(&format!("senders: starting the relay with {} accounts", senders + 1));
+    let started = Instant::now();
+    herald.start_relay_within(&target.http, &options.relay_env, SENDERS_READY_TIMEOUT).await;
+    let relay_ready_in = started.elapsed();
+    let sessions = |metrics: Option<String>| {
+        metrics.as_deref().and_then(|m| herald_tests::admin::sample(m, "herald_sessions_online"))
+    };
+    let sessions_at_ready = sessions(herald.relay_metrics(&target.http).await);
+    let relay_rss_at_ready_kib = herald.relay_pid().and_then(crate::machine::rss_kib);
+
+    let target = Arc::new(Target {
+        http: target.http.clone(),
+        url: target.url.clone(),
+        users: accounts.iter().map(|a| (a.jid.clone(), password.clone())).collect(),
+        body_bytes: target.body_bytes,
+    });
+    crate::progress(&format!("senders: each sender's first message ({senders})"));
+    arrivals.clear();
+    let first = http_load::closed_loop(Arc::clone(&target), concurrency, Limit::Messages(senders)).await;
+    let matched = arrivals.wait_for(&first.ids(), idle).await;
+    let first_message = Percentiles::of(
+        first.accepted.iter().filter_map(|a| matched.arrived.get(&a.id).map(|at| at.duration_since(a.sent))).collect(),
+    );
+
+    crate::progress(&format!("senders: {messages} messages from {senders} senders in turn"));
+    arrivals.clear();
+    let meter = crate::machine::CpuMeter::start(crate::watched(prosody, Some(herald)));
+    let services: Vec<u32> = herald.ingress_pid().into_iter().chain(herald.relay_pid()).collect();
+    let cpu_before = crate::machine::cpu_seconds(&services);
+    let load = http_load::closed_loop(Arc::clone(&target), concurrency, Limit::Messages(messages)).await;
+    let matched = arrivals.wait_for(&load.ids(), idle).await;
+    let herald_cpu = (crate::machine::cpu_seconds(&services) - cpu_before) / matched.arrived.len().max(1) as f64;
+    let cpu = ("4. senders, whole path", meter.stop());
+    let begin = load.first_sent.expect("the load ran");
+    Senders {
+        senders,
+        registered_in,
+        relay_ready_in,
+        sessions_at_ready,
+        sessions_after: sessions(herald.relay_metrics(&target.http).await),
+        relay_rss_at_ready_kib,
+        relay_peak_rss_kib: herald.relay_pid().and_then(crate::machine::peak_rss_kib),
+        first_message,
+        accepted: load.accepted.len(),
+        delivered: matched.arrived.len(),
+        duplicates: matched.duplicates,
+        elapsed: matched.last().map_or(Duration::ZERO, |last| last.saturating_duration_since(begin)),
+        cpu,
+        herald_cpu,
+    }
 }
