@@ -73,7 +73,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A job's message on its way into the session.
 pub(super) struct Outgoing {
-    pub(super) message: Message,
+    /// Boxed: a channel's first block holds 32 of these, allocated with each
+    /// session, and a `Message` is 216 bytes.
+    pub(super) message: Box<Message>,
     /// Answered once the stanza is on its way (or could not be): the job's
     /// own task then waits for the server's acknowledgement, so the session
     /// spawns nothing per message.
@@ -222,7 +224,9 @@ impl SessionHandle {
             Err(_) => return Err(offline()),
         }
         let (reply, sent) = oneshot::channel();
-        match tokio::time::timeout(ENQUEUE_TIMEOUT, self.jobs.send(Outgoing { message, reply })).await {
+        match tokio::time::timeout(ENQUEUE_TIMEOUT, self.jobs.send(Outgoing { message: Box::new(message), reply }))
+            .await
+        {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(DeliveryError::SessionClosed),
             Err(_) => {
@@ -332,7 +336,7 @@ struct Queued {
 /// What the outbox holds: stanzas are not `Clone`, their kinds are.
 enum Out {
     /// A job's message, answered on `reply` once the stream took it.
-    Job(Message, oneshot::Sender<Result<InFlight, DeliveryError>>),
+    Job(Box<Message>, oneshot::Sender<Result<InFlight, DeliveryError>>),
     Iq(Iq),
     Presence(Presence),
 }
@@ -340,7 +344,7 @@ enum Out {
 impl Out {
     fn stanza(&self) -> Stanza {
         match self {
-            Out::Job(message, _) => message.clone().into(),
+            Out::Job(message, _) => Message::clone(message).into(),
             Out::Iq(iq) => iq.clone().into(),
             Out::Presence(presence) => presence.clone().into(),
         }
