@@ -337,16 +337,16 @@ struct Queued {
 enum Out {
     /// A job's message, answered on `reply` once the stream took it.
     Job(Box<Message>, oneshot::Sender<Result<InFlight, DeliveryError>>),
-    Iq(Iq),
-    Presence(Presence),
+    Iq(Box<Iq>),
+    Presence(Box<Presence>),
 }
 
 impl Out {
     fn stanza(&self) -> Stanza {
         match self {
             Out::Job(message, _) => Message::clone(message).into(),
-            Out::Iq(iq) => iq.clone().into(),
-            Out::Presence(presence) => presence.clone().into(),
+            Out::Iq(iq) => Iq::clone(iq).into(),
+            Out::Presence(presence) => Presence::clone(presence).into(),
         }
     }
 }
@@ -505,7 +505,7 @@ impl Session {
                 self.set_online(true);
                 // A new stream is a new session: no room knows us any more.
                 for join in self.rooms.rejoin_all() {
-                    self.queue(Out::Presence(join));
+                    self.queue(Out::Presence(Box::new(join)));
                 }
             }
             Event::Stream(StreamEvent::Resumed) => {
@@ -537,7 +537,7 @@ impl Session {
                     if let Some(from) = from {
                         reply = reply.with_to(from);
                     }
-                    self.queue(Out::Iq(reply));
+                    self.queue(Out::Iq(Box::new(reply)));
                 }
             },
             Stanza::Message(message) if message.type_ == MessageType::Error => self.on_bounce(&message),
@@ -582,7 +582,7 @@ impl Session {
             }
             Joined::TryAnotherNick(join) => {
                 tracing::info!(account = %self.account.jid, room = ?join.to, "the nick is taken in the room; joining with this relay's suffix");
-                self.queue(Out::Presence(join));
+                self.queue(Out::Presence(Box::new(join)));
             }
             Joined::Refused(room, waiting, error) => {
                 tracing::info!(account = %self.account.jid, %room, %error, "the room refused the join");
@@ -616,7 +616,7 @@ impl Session {
             match self.rooms.wait_for(&room, job) {
                 Wait::SendNow(job) => self.transmit(job),
                 Wait::Queued(None) => {}
-                Wait::Queued(Some(join)) => self.queue(Out::Presence(join)),
+                Wait::Queued(Some(join)) => self.queue(Out::Presence(Box::new(join))),
                 Wait::Refused(job, error) => drop(job.reply.send(Err(error))),
             }
             return;
@@ -637,7 +637,7 @@ impl Session {
         self.pings.insert(id.clone(), tx);
         let ping = Iq::from_get(id, Ping).with_to(Jid::from(self.account.jid.jid().domain().to_owned()));
         // Right behind the message, ahead of anything queued later.
-        self.outbox.push_front(Queued { stanza: Out::Iq(ping), since: Instant::now() });
+        self.outbox.push_front(Queued { stanza: Out::Iq(Box::new(ping)), since: Instant::now() });
         rx
     }
 }
