@@ -8,12 +8,11 @@
 //! and report the relay not ready.
 
 use super::accounts::{Account, Tls};
+use super::connect;
 use std::borrow::Cow;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
-use tokio_xmpp::connect::{
-    DirectTlsServerConnector, DnsConfig, ServerConnector, StartTlsServerConnector, TcpServerConnector,
-};
+use tokio_xmpp::connect::{DnsConfig, ServerConnector};
 use tokio_xmpp::error::{AuthError, Error as XmppError};
 use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::ns;
@@ -61,16 +60,16 @@ pub fn connector(account: &Account, state: watch::Sender<LoginState>) -> Connect
         None => DnsConfig::srv_default_client(account.jid.domain().as_str()),
     };
     match account.tls {
-        Tls::Required => with(StartTlsServerConnector::from(dns), account, state),
+        Tls::Required => with(connect::StartTls(dns), account, state),
         Tls::Direct => {
             let dns = match &account.server {
                 Some(_) => dns,
                 None => DnsConfig::srv_xmpps(account.jid.domain().as_str()),
             };
-            with(DirectTlsServerConnector::from(dns), account, state)
+            with(connect::DirectTls(dns), account, state)
         }
         // accounts::parse allows this only for loopback servers.
-        Tls::None => with(TcpServerConnector::from(dns), account, state),
+        Tls::None => with(connect::Tcp(dns), account, state),
     }
 }
 

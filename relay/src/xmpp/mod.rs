@@ -3,6 +3,7 @@
 //! Nothing here knows about the broker.
 
 pub mod accounts;
+mod connect;
 pub mod login;
 mod rooms;
 pub mod session;

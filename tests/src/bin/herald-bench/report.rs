@@ -204,7 +204,10 @@ fn senders_rows(r: &Results, s: &Senders) -> Vec<Row> {
             ),
         ),
         Row::info(
-            format!("senders: each sender's first message, POST → receipt ({} senders)", s.senders),
+            format!(
+                "senders: each sender's first message, POST → receipt ({} senders; their passwords checked before)",
+                s.senders
+            ),
             summary(s.first_message),
         ),
         Row {

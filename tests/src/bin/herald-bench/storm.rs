@@ -236,6 +236,29 @@ pub async fn fanout(
     }
 }
 
+/// Posts an empty body as each of the target's users: the ingress checks
+/// (and caches) the password, then refuses the body. So the first messages
+/// that follow time the relay, not argon2.
+async fn check_passwords(target: &Target, concurrency: usize) {
+    use futures::StreamExt;
+    let statuses: Vec<u16> = futures::stream::iter(&target.users)
+        .map(|(user, password)| async move {
+            let response = target
+                .http
+                .post(&target.url)
+                .basic_auth(user, Some(password))
+                .header("content-type", "text/plain")
+                .send()
+                .await;
+            response.map_or(0, |r| r.status().as_u16())
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let refused = statuses.iter().filter(|s| !(400..500).contains(*s) || **s == 401).count();
+    assert_eq!(refused, 0, "an empty post is refused after the password check (4xx, not 401)");
+}
+
 /// The job ids of a 202, None for anything else.
 async fn job_ids(response: reqwest::Result<reqwest::Response>) -> Option<Vec<String>> {
     let response = response.ok().filter(|r| r.status() == 202)?;
@@ -317,6 +340,8 @@ pub async fn senders(
         users: accounts.iter().map(|a| (a.jid.clone(), password.clone())).collect(),
         body_bytes: target.body_bytes,
     });
+    crate::progress(&format!("senders: each user's password checked once ({senders} empty posts)"));
+    check_passwords(&target, concurrency).await;
     crate::progress(&format!("senders: each sender's first message ({senders})"));
     arrivals.clear();
     let first = http_load::closed_loop(Arc::clone(&target), concurrency, Limit::Messages(senders)).await;
