@@ -45,6 +45,8 @@ pub struct Prosody {
     stream_management: bool,
     /// With TLS: the CA that signed the server's certificate for `localhost`.
     pub ca_file: Option<PathBuf>,
+    /// With TLS: the port for TLS from the first byte (XEP-0368).
+    pub direct_tls_port: Option<u16>,
 }
 
 impl Prosody {
@@ -59,8 +61,9 @@ impl Prosody {
         Self::start_configured(stream_management, false).await
     }
 
-    /// Starts Prosody offering STARTTLS with a certificate for `localhost`
-    /// from a private CA made for the test (`ca_file`).
+    /// Starts Prosody offering STARTTLS, and direct TLS on
+    /// `direct_tls_port`, with a certificate for `localhost` from a private
+    /// CA made for the test (`ca_file`).
     pub async fn start_with_tls() -> Self {
         Self::start_configured(true, true).await
     }
@@ -76,7 +79,15 @@ impl Prosody {
             eprintln!("keeping Prosody's directory {}", dir.path().display());
         }
         let port = free_port();
-        let mut this = Self { dir, port, child: None, container: None, stream_management, ca_file: None };
+        let mut this = Self {
+            dir,
+            port,
+            child: None,
+            container: None,
+            stream_management,
+            ca_file: None,
+            direct_tls_port: tls.then(free_port),
+        };
         std::fs::create_dir_all(this.dir.path().join("data")).expect("data dir");
         std::fs::create_dir_all(this.dir.path().join("certs")).expect("certs dir");
         if tls {
@@ -108,7 +119,7 @@ certificates = "{dir}/certs"
 log = {{ {{ levels = {{ min = "info" }}, to = "file", filename = "{dir}/prosody.log" }} }}
 interfaces = {{ "127.0.0.1" }}
 c2s_ports = {{ {port} }}
-c2s_direct_tls_ports = {{}}
+c2s_direct_tls_ports = {{ {direct_tls} }}
 legacy_ssl_ports = {{}}
 s2s_ports = {{}}
 http_ports = {{}}
@@ -143,6 +154,7 @@ Component "{ROOMS}" "muc"
             },
             user = prosody_user(),
             port = self.port,
+            direct_tls = self.direct_tls_port.map(|p| p.to_string()).unwrap_or_default(),
             extra = extra_config(),
         )
     }

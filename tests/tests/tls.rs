@@ -68,6 +68,27 @@ async fn the_relay_verifies_the_servers_certificate_and_trusts_a_private_ca_when
     let m = rx.next(DEADLINE).await.expect("delivered once the CA is trusted");
     assert_eq!(m.body, "over TLS");
     assert!(relay.terminate(DEADLINE).await);
+
+    // Direct TLS (XEP-0368), verified the same way.
+    let port = prosody.direct_tls_port.expect("a direct TLS port");
+    let entry = format!(
+        "[[accounts]]\njid = \"{}\"\npassword = \"{}\"\nserver = \"localhost:{port}\"\ntls = \"direct\"\n",
+        sender.jid, sender.password
+    );
+    std::fs::write(&env.accounts_file, entry).expect("accounts");
+    let relay = Service::spawn("herald-relay", &trusting);
+    let post = http
+        .post(format!("http://127.0.0.1:{}/msg/{}", env.ingress_port, recipient.jid))
+        .basic_auth(&sender.jid, Some("pw"))
+        .header("content-type", "text/plain")
+        .body("over direct TLS")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(post.status(), 202);
+    let m = rx.next(DEADLINE).await.expect("delivered over direct TLS");
+    assert_eq!(m.body, "over direct TLS");
+    assert!(relay.terminate(DEADLINE).await);
     assert!(ingress.terminate(DEADLINE).await);
     broker.cleanup_after_default_relay().await;
 }
