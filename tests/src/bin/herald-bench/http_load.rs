@@ -77,9 +77,15 @@ impl Target {
         (user, password)
     }
 
-    /// Posts one `text/plain` message; the job id if it got a 202.
+    /// Posts one `text/plain` message as the first user; the job id if it
+    /// got a 202.
     pub async fn post(&self, tag: &str) -> Option<String> {
-        let (user, password) = self.user();
+        self.post_as(0, tag).await
+    }
+
+    /// Posts as user `i` modulo their number.
+    async fn post_as(&self, i: usize, tag: &str) -> Option<String> {
+        let (user, password) = &self.users[i % self.users.len()];
         let response = self
             .http
             .post(&self.url)
@@ -96,10 +102,10 @@ impl Target {
         json["jobs"][0]["id"].as_str().map(str::to_owned)
     }
 
-    /// One timed post.
-    async fn timed(&self, tag: &str, scheduled: Instant) -> Option<Accepted> {
+    /// One timed post, as user `i`.
+    async fn timed(&self, i: usize, scheduled: Instant) -> Option<Accepted> {
         let sent = Instant::now();
-        let id = self.post(tag).await?;
+        let id = self.post_as(i, &format!("paced {i}")).await?;
         Some(Accepted { id, scheduled, sent, answered: Instant::now() })
     }
 }
@@ -222,7 +228,8 @@ fn record(results: &Mutex<Outcome>, outcome: Option<Accepted>) {
 }
 
 /// Sends `rate` messages a second for `duration`, each at its own instant,
-/// never waiting for earlier answers.
+/// never waiting for earlier answers; message `i` as the target's user `i`
+/// modulo their number.
 pub async fn open_loop(target: Arc<Target>, rate: u32, duration: Duration) -> Outcome {
     let count = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
     let period = Duration::from_secs(1) / rate.max(1);
@@ -234,7 +241,7 @@ pub async fn open_loop(target: Arc<Target>, rate: u32, duration: Duration) -> Ou
         tokio::time::sleep_until(scheduled.into()).await;
         let (target, results) = (Arc::clone(&target), Arc::clone(&results));
         requests.push(tokio::spawn(async move {
-            let outcome = target.timed(&format!("paced {i}"), scheduled).await;
+            let outcome = target.timed(i, scheduled).await;
             record(&results, outcome);
         }));
     }

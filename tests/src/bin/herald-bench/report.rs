@@ -205,7 +205,8 @@ fn senders_rows(r: &Results, s: &Senders) -> Vec<Row> {
         ),
         Row::info(
             format!(
-                "senders: each sender's first message, POST → receipt ({} senders; their passwords checked before)",
+                "senders: each sender's first message, {} senders a second, open loop, scheduled POST → receipt ({} senders; their passwords checked before)",
+                crate::storm::FIRST_MESSAGE_RATE,
                 s.senders
             ),
             summary(s.first_message),

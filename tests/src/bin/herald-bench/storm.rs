@@ -266,6 +266,11 @@ async fn job_ids(response: reqwest::Result<reqwest::Response>) -> Option<Vec<Str
     body["jobs"].as_array()?.iter().map(|job| job["id"].as_str().map(str::to_owned)).collect()
 }
 
+/// Senders a second whose first message is posted: each one alone, so that
+/// its latency is the first message's own (with `HERALD_SESSION_IDLE`, the
+/// session's login), not a queue's.
+pub const FIRST_MESSAGE_RATE: u32 = 100;
+
 /// How long a relay with many sender accounts may take to be ready.
 const SENDERS_READY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -282,7 +287,8 @@ pub struct Senders {
     /// The relay's resident set when ready, and its peak after the run (KiB).
     pub relay_rss_at_ready_kib: Option<u64>,
     pub relay_peak_rss_kib: Option<u64>,
-    /// Each sender's first message: POST → receipt.
+    /// Each sender's first message, `FIRST_MESSAGE_RATE` a second: scheduled
+    /// POST → receipt.
     pub first_message: Option<Percentiles>,
     /// The measured run: every sender in turn, as fast as possible.
     pub accepted: usize,
@@ -342,12 +348,17 @@ pub async fn senders(
     });
     crate::progress(&format!("senders: each user's password checked once ({senders} empty posts)"));
     check_passwords(&target, concurrency).await;
-    crate::progress(&format!("senders: each sender's first message ({senders})"));
+    crate::progress(&format!("senders: each sender's first message, {FIRST_MESSAGE_RATE} senders a second"));
     arrivals.clear();
-    let first = http_load::closed_loop(Arc::clone(&target), concurrency, Limit::Messages(senders)).await;
+    let spread = Duration::from_secs_f64(senders as f64 / f64::from(FIRST_MESSAGE_RATE));
+    let first = http_load::open_loop(Arc::clone(&target), FIRST_MESSAGE_RATE, spread).await;
     let matched = arrivals.wait_for(&first.ids(), idle).await;
     let first_message = Percentiles::of(
-        first.accepted.iter().filter_map(|a| matched.arrived.get(&a.id).map(|at| at.duration_since(a.sent))).collect(),
+        first
+            .accepted
+            .iter()
+            .filter_map(|a| matched.arrived.get(&a.id).map(|at| at.duration_since(a.scheduled)))
+            .collect(),
     );
 
     crate::progress(&format!("senders: {messages} messages from {senders} senders in turn"));
