@@ -18,6 +18,7 @@ use crate::{
     config::Config,
     error::Error,
     metrics::Metrics,
+    reload::Reloader,
     routes::{self, AppState},
     server::{self, Limits},
     users::Users,
@@ -35,6 +36,7 @@ pub struct Application {
     metrics: Arc<Metrics>,
     publisher: Arc<ConfirmChannel>,
     admin: Admin,
+    reloader: Reloader,
 }
 
 impl Application {
@@ -71,6 +73,8 @@ impl Application {
             admission,
             Arc::clone(&metrics),
         ));
+        let reloader =
+            Reloader::new(users_file.to_owned(), config.users_reload_interval, Arc::clone(&auth), Arc::clone(&metrics));
         let amqp_urls = config.broker.urls()?;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -99,7 +103,7 @@ impl Application {
         };
         let limits =
             Limits { header_timeout: config.http_header_timeout, max_connections: config.http_max_connections };
-        Ok(Self { listener, router: routes::router(state), limits, metrics, publisher, admin })
+        Ok(Self { listener, router: routes::router(state), limits, metrics, publisher, admin, reloader })
     }
 
     pub fn port(&self) -> u16 {
@@ -117,9 +121,11 @@ impl Application {
         let stop = CancellationToken::new();
         let admin = tokio::spawn(self.admin.serve(stop.clone().cancelled_owned()));
         let reconnect = tokio::spawn(keep_connected(Arc::clone(&self.publisher), stop.clone()));
+        let reloader = tokio::spawn(self.reloader.run(stop.clone()));
         server::serve(self.listener, self.router, self.limits, self.metrics, shutdown).await;
         stop.cancel();
         drop(reconnect.await);
+        drop(reloader.await);
         drop(admin.await);
         self.publisher.close().await;
         tracing::info!("herald-ingress stopped");

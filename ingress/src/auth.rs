@@ -1,4 +1,8 @@
-//! HTTP Basic authentication against the users file.
+//! Authentication against the users file: HTTP Basic with a password, or
+//! `Authorization: Bearer` with an access token.
+//!
+//! A token is looked up by its SHA-256 in a map: no argon2, so nothing to
+//! throttle or queue, and a wrong token costs a hash and a lookup.
 //!
 //! argon2 costs tens of milliseconds of CPU, so a successful check is
 //! remembered for a short time under a keyed BLAKE2 hash of the credentials
@@ -16,7 +20,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
 
@@ -51,7 +55,8 @@ type CacheKey = [u8; 64];
 
 #[derive(Debug)]
 pub struct Authenticator {
-    users: Users,
+    /// Replaced whole when the users file is reloaded.
+    users: RwLock<Arc<Users>>,
     ttl: Duration,
     /// Take the client's address from `X-Forwarded-For` (behind a proxy).
     trust_forwarded_for: bool,
@@ -136,7 +141,7 @@ impl Authenticator {
     ) -> Self {
         let verifier = Verifier::new(admission.slots());
         Self {
-            users,
+            users: RwLock::new(Arc::new(users)),
             ttl,
             trust_forwarded_for,
             mac_key: rand::random(),
@@ -149,9 +154,30 @@ impl Authenticator {
         }
     }
 
+    /// The users as last loaded.
+    fn users(&self) -> Arc<Users> {
+        Arc::clone(&self.users.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Puts a reloaded users file in place. Remembered logins stay only for
+    /// users whose password hash did not change; requests being checked
+    /// finish against the old file.
+    pub fn replace_users(&self, new: Users) {
+        let old = std::mem::replace(
+            &mut *self.users.write().unwrap_or_else(std::sync::PoisonError::into_inner),
+            Arc::new(new),
+        );
+        let new = self.users();
+        let same = |jid: &Sender| old.get(jid).map(|u| &u.password_hash) == new.get(jid).map(|u| &u.password_hash);
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|_, (jid, _)| same(jid));
+    }
+
     /// Checks the `Authorization` header of a request from `client` and
     /// returns the user it names.
     pub async fn authenticate(self: &Arc<Self>, headers: &HeaderMap, client: IpAddr) -> Result<User, Error> {
+        if let Some(token) = bearer_token(headers) {
+            return self.authenticate_token(token, client);
+        }
         let (jid_text, password) = basic_credentials(headers).ok_or(Error::Unauthorized)?;
         let Ok(jid) = Sender::parse(&jid_text) else {
             // Counted against the address only: an account table keyed by
@@ -162,7 +188,7 @@ impl Authenticator {
         };
         let key = self.cache_key(&jid, &password);
         if self.cached(&key, &jid) {
-            return self.users.get(&jid).cloned().ok_or(Error::Unauthorized);
+            return self.users().get(&jid).cloned().ok_or(Error::Unauthorized);
         }
         // The same credentials are being checked already: wait for that
         // check, then for the cache (same password, same answer).
@@ -174,7 +200,7 @@ impl Authenticator {
                     return Err(Error::Overloaded(self.admission.retry_after().as_secs()));
                 }
                 return match self.cached(&key, &jid) {
-                    true => self.users.get(&jid).cloned().ok_or(Error::Unauthorized),
+                    true => self.users().get(&jid).cloned().ok_or(Error::Unauthorized),
                     false => Err(Error::Unauthorized),
                 };
             }
@@ -207,9 +233,27 @@ impl Authenticator {
         })
         .await
         .map_err(|e| Error::Internal(format!("password check panicked: {e}")))?;
-        match self.users.get(&jid) {
+        match self.users().get(&jid) {
             Some(user) if ok => Ok(user.clone()),
             _ => Err(Error::Unauthorized),
+        }
+    }
+
+    /// A bearer token: its digest is looked up, nothing else.
+    fn authenticate_token(&self, token: &str, client: IpAddr) -> Result<User, Error> {
+        match self.users().by_token(token) {
+            Some((user, found)) => {
+                tracing::debug!(%client, user = %user.jid, token = %found.name, "token accepted");
+                Ok(user.clone())
+            }
+            None => {
+                static REPEATED: Repeated = Repeated::new(Duration::from_secs(1));
+                if let Some(times) = REPEATED.tick() {
+                    tracing::info!(%client, times, "login refused: unknown access token");
+                }
+                self.metrics.tokens_refused.inc();
+                Err(Error::Unauthorized)
+            }
         }
     }
 
@@ -254,7 +298,8 @@ impl Authenticator {
     }
 
     fn verify(&self, jid: &Sender, password: &str) -> bool {
-        let (hash, known) = match self.users.get(jid) {
+        let users = self.users();
+        let (hash, known) = match users.get(jid) {
             Some(user) => (user.password_hash.as_str(), true),
             None => (DUMMY_HASH, false),
         };
@@ -314,6 +359,13 @@ fn shown(text: &str) -> &str {
     text.char_indices().nth(64).map_or(text, |(end, _)| &text[..end])
 }
 
+/// `Authorization: Bearer <token>`, if that is the scheme.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// `Authorization: Basic base64(user:password)`; `None` if absent or malformed.
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
@@ -370,6 +422,7 @@ mod tests {
             basic("nobody@example.com", "s3cret:with colon"),
             basic("not a jid", "x"),
             headers("Bearer abc"),
+            headers("Bearer hrld_0000000000000000000000000000000000000000000000000000000000000000"),
             headers("Basic !!!"),
             HeaderMap::new(),
         ] {

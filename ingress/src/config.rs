@@ -23,11 +23,29 @@ pub enum Command {
     /// Read a password on stdin and print its argon2id hash (PHC string) for
     /// the users file.
     HashPassword,
+    /// Access tokens for `Authorization: Bearer`.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Ask the admin listener whether the service is ready; exit 0 if so
     /// (for container health checks).
     Healthcheck {
         #[arg(long, env = "HERALD_ADMIN_LISTEN", default_value = DEFAULT_ADMIN_LISTEN)]
         admin_listen: SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new token for a user of the users file: the token goes to
+    /// stderr (shown once, give it to the client), the `[[tokens]]` entry to
+    /// add to the users file to stdout (its SHA-256, never the token).
+    New {
+        /// The user (its `jid` in the users file) the token acts as.
+        #[arg(long)]
+        user: String,
+        /// A label for the logs, e.g. the client's name.
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -108,6 +126,11 @@ pub struct Config {
     /// X-Forwarded-For (set this only behind a proxy that sets that header).
     #[arg(long, env = "HERALD_TRUST_FORWARDED_FOR", default_value_t = false)]
     pub trust_forwarded_for: bool,
+
+    /// How often the users file is read to see whether it changed (and then
+    /// reloaded); 0s: only on SIGHUP.
+    #[arg(long, env = "HERALD_USERS_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub users_reload_interval: std::time::Duration,
 
     /// How long a successful password check is remembered, in seconds (0
     /// turns the cache off and runs argon2 on every request).

@@ -14,6 +14,7 @@ pub mod password;
 pub mod payload;
 pub mod policy;
 pub mod publisher;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod throttle;

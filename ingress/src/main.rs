@@ -1,6 +1,6 @@
 use clap::Parser;
-use herald_ingress::config::{Cli, Command};
-use herald_ingress::{Application, hash_password};
+use herald_ingress::config::{Cli, Command, TokenCommand};
+use herald_ingress::{Application, hash_password, users};
 use herald_shared::{admin, shutdown, telemetry};
 use std::process::ExitCode;
 
@@ -16,6 +16,20 @@ async fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("herald-ingress hash-password: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Token(TokenCommand::New { user, name })) => {
+            return match users::new_token_entry(&user, name.as_deref()) {
+                Ok((token, entry)) => {
+                    eprintln!("the token, shown once (give it to the client): {token}");
+                    eprintln!("add this to the users file, which reloads by itself:");
+                    print!("{entry}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("herald-ingress token new: {e}");
                     ExitCode::FAILURE
                 }
             };

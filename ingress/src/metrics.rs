@@ -29,6 +29,14 @@ pub struct Metrics {
     pub password_checks: Gauge,
     pub password_checks_peak: Gauge,
     pub logins_turned_away: Counter,
+    pub tokens_refused: Counter,
+    pub users_reloads: Family<ReloadLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok`, or `failed` (the file did not parse: the last good one stays).
+    pub outcome: &'static str,
 }
 
 impl Metrics {
@@ -42,6 +50,8 @@ impl Metrics {
             password_checks: Gauge::default(),
             password_checks_peak: Gauge::default(),
             logins_turned_away: Counter::default(),
+            tokens_refused: Counter::default(),
+            users_reloads: Family::default(),
         };
         registry.register("herald_http_requests", "HTTP requests by route and status", metrics.requests.clone());
         registry.register(
@@ -70,6 +80,16 @@ impl Metrics {
             "herald_logins_turned_away",
             "Uncached logins answered 503 because the password checks were busy",
             metrics.logins_turned_away.clone(),
+        );
+        registry.register(
+            "herald_tokens_refused",
+            "Bearer tokens not in the users file (each answered 401)",
+            metrics.tokens_refused.clone(),
+        );
+        registry.register(
+            "herald_users_reloads",
+            "Reloads of a changed users file, by outcome",
+            metrics.users_reloads.clone(),
         );
         Arc::new(metrics)
     }

@@ -194,6 +194,7 @@ pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> hera
         alertmanager_template: None,
         grafana_template: None,
         idempotency_window: Duration::from_secs(600),
+        users_reload_interval: Duration::from_millis(200),
     }
 }
 

@@ -30,3 +30,4 @@ mod recipients;
 mod rooms;
 mod settlement;
 mod tls;
+mod tokens;
