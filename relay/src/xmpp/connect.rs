@@ -1,10 +1,14 @@
 //! Connecting to the XMPP server: tokio-xmpp's three connectors (plain TCP,
-//! STARTTLS, direct TLS), built from its public parts, with smaller socket
-//! buffers. Its own connectors put an 8 KiB read and an 8 KiB write buffer
-//! on every connection; the XML stream above keeps its own send buffer, so
-//! the write buffer only copies, and a session reads acks and the odd
-//! error, not bulk data. A relay holds a session per sender account, so
-//! these buffers are most of what an idle session costs.
+//! STARTTLS, direct TLS), built from its public parts, with a smaller read
+//! buffer. Its own connectors put an 8 KiB read buffer on every connection,
+//! but a session reads acks and the odd error, not bulk data, and a relay
+//! holds a session per sender account.
+//!
+//! The write buffer stays at 8 KiB: it makes one write of a stanza and the
+//! ack request behind it. With a small one the stanza went out alone and
+//! the request after it, a small segment, waited (Nagle's algorithm) for
+//! the server's delayed ACK of the first: a p50 of 12 ms instead of 1.5 ms
+//! from send to receipt at 1,000 messages a second.
 
 use std::borrow::Cow;
 
@@ -24,8 +28,8 @@ type TlsStream = tokio_xmpp::connect::tls_common::TlsStream<TcpStream>;
 
 /// Bytes read from the socket at a time.
 const READ_BUFFER: usize = 2048;
-/// The XML stream's writes pass through (they are larger than this).
-const WRITE_BUFFER: usize = 256;
+/// Writes are gathered up to this, then go out as one.
+const WRITE_BUFFER: usize = 8192;
 
 fn buffered<S: AsyncRead + AsyncWrite>(stream: S) -> BufStream<S> {
     BufStream::with_capacity(READ_BUFFER, WRITE_BUFFER, stream)
