@@ -18,6 +18,9 @@ use tokio_xmpp::parsers::message::Message;
 use super::{Account, Bounce, SessionHandle, SessionSettings, session};
 use crate::{error::DeliveryError, metrics::Metrics};
 
+/// Sessions a job is offered to before it fails as transient.
+const OPEN_ATTEMPTS: usize = 3;
+
 /// A sender account and its session, while one is open.
 #[derive(Debug)]
 struct Slot {
@@ -84,15 +87,20 @@ impl Sessions {
             .slots
             .get(sender)
             .ok_or_else(|| DeliveryError::NoAccount(format!("this relay holds no XMPP account for sender {sender}")))?;
-        loop {
+        // A session closes between two jobs only when idle, so a second
+        // one is plenty; a session that keeps ending at once (a bug, a
+        // stream worker that died) makes the job a transient failure, not
+        // a loop.
+        for _ in 0..OPEN_ATTEMPTS {
             let Some(session) = self.open(slot) else {
                 return Err(DeliveryError::Transient("the relay is stopping".into()));
             };
             match session.deliver(message(), online_timeout).await {
-                Err(DeliveryError::SessionClosed) => continue,
+                Err(DeliveryError::SessionClosed) => {}
                 outcome => return outcome,
             }
         }
+        Err(DeliveryError::Transient(format!("the XMPP session of {sender} closed {OPEN_ATTEMPTS} times in a row")))
     }
 
     /// The slot's open session, opening one if there is none (or the last
