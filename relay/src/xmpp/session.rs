@@ -26,11 +26,8 @@ use std::{
 
 use futures::{FutureExt, StreamExt};
 use herald_shared::Sender;
-use tokio::{
-    sync::{mpsc, oneshot, watch},
-    task::JoinHandle,
-};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tokio_xmpp::{
     Stanza,
     parsers::{
@@ -280,16 +277,18 @@ pub struct SessionSettings {
     pub nick_suffix: String,
 }
 
-/// Starts the session task for `account`. It runs until `shutdown` is
-/// cancelled, then closes the stream cleanly. Error stanzas that come back
-/// for sent messages are reported on `bounces`.
+/// Starts the session task for `account` on `tasks`. It runs until
+/// `shutdown` is cancelled (or it is idle), then closes the stream cleanly.
+/// Error stanzas that come back for sent messages are reported on
+/// `bounces`.
 pub fn spawn(
     account: Account,
     settings: &SessionSettings,
     bounces: mpsc::UnboundedSender<Bounce>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> (SessionHandle, JoinHandle<()>) {
+    tasks: &TaskTracker,
+) -> SessionHandle {
     let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE_DEPTH);
     let (online_tx, online_rx) = watch::channel(false);
     let (login_tx, login_rx) = watch::channel(LoginState::Connecting);
@@ -323,8 +322,8 @@ pub fn spawn(
         outbox: VecDeque::new(),
         idle: settings.idle,
     };
-    let task = tokio::spawn(session.run(jobs_rx, shutdown));
-    (handle, task)
+    tasks.spawn(session.run(jobs_rx, shutdown));
+    handle
 }
 
 /// A stanza waiting for the stream to take it.

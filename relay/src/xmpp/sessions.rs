@@ -114,9 +114,14 @@ impl Sessions {
             return None;
         }
         let bounces = self.bounces.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
-        let (session, task) =
-            session::spawn(slot.account.clone(), &self.settings, bounces, Arc::clone(&self.metrics), self.stop.clone());
-        self.tasks.spawn(async move { drop(task.await) });
+        let session = session::spawn(
+            slot.account.clone(),
+            &self.settings,
+            bounces,
+            Arc::clone(&self.metrics),
+            self.stop.clone(),
+            &self.tasks,
+        );
         *open = Some(session.clone());
         Some(session)
     }
