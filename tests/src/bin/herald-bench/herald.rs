@@ -105,6 +105,13 @@ impl Herald {
         self.relay.as_ref().map(Service::pid)
     }
 
+    /// Starts counting the CPU time of both services, for a per-message
+    /// figure once the run is over.
+    pub fn cpu_meter(&self) -> ServiceCpu {
+        let pids: Vec<u32> = self.ingress_pid().into_iter().chain(self.relay_pid()).collect();
+        ServiceCpu { before: crate::machine::cpu_seconds(&pids), pids }
+    }
+
     /// Empties the work queue (what the ingress phase left there).
     pub async fn purge_work_queue(&self, broker: &Broker) -> u32 {
         let connection =
@@ -123,6 +130,19 @@ impl Herald {
             service.terminate(STOP_TIMEOUT).await;
         }
         broker.cleanup_after_default_relay().await;
+    }
+}
+
+/// The CPU time of herald-ingress and herald-relay since `Herald::cpu_meter`.
+pub struct ServiceCpu {
+    pids: Vec<u32>,
+    before: f64,
+}
+
+impl ServiceCpu {
+    /// CPU seconds per delivered message since the meter started.
+    pub fn per_message(&self, delivered: usize) -> f64 {
+        (crate::machine::cpu_seconds(&self.pids) - self.before) / delivered.max(1) as f64
     }
 }
 

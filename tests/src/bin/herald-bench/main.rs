@@ -173,10 +173,9 @@ async fn main() {
         cpu.push(("1b. XMPP ceiling", meter.stop()));
         let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
         progress(&format!("3a. whole path, round {round}: {} messages as fast as possible", options.e2e_messages));
-        let services: Vec<u32> = herald.ingress_pid().into_iter().chain(herald.relay_pid()).collect();
-        let cpu_before = machine::cpu_seconds(&services);
+        let services = herald.cpu_meter();
         let run = end_to_end(&target, &mut arrivals, &options).await;
-        herald_cpu.push((machine::cpu_seconds(&services) - cpu_before) / run.delivered.max(1) as f64);
+        herald_cpu.push(services.per_message(run.delivered));
         e2e.push(run);
         cpu.push(("3a. whole path, flat out", meter.stop()));
     }

@@ -364,11 +364,10 @@ pub async fn senders(
     crate::progress(&format!("senders: {messages} messages from {senders} senders in turn"));
     arrivals.clear();
     let meter = crate::machine::CpuMeter::start(crate::watched(prosody, Some(herald)));
-    let services: Vec<u32> = herald.ingress_pid().into_iter().chain(herald.relay_pid()).collect();
-    let cpu_before = crate::machine::cpu_seconds(&services);
+    let services = herald.cpu_meter();
     let load = http_load::closed_loop(Arc::clone(&target), concurrency, Limit::Messages(messages)).await;
     let matched = arrivals.wait_for(&load.ids(), idle).await;
-    let herald_cpu = (crate::machine::cpu_seconds(&services) - cpu_before) / matched.arrived.len().max(1) as f64;
+    let herald_cpu = services.per_message(matched.arrived.len());
     let cpu = ("4. senders, whole path", meter.stop());
     let begin = load.first_sent.expect("the load ran");
     Senders {
