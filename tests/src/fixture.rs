@@ -93,6 +93,20 @@ impl Fixture {
         poll::until("the service to be ready", ARRIVAL, || async { self.ready(port).await.ok() }).await;
     }
 
+    /// Waits for both services to report themselves not ready during a
+    /// broker outage, the ingress naming the broker.
+    pub async fn wait_broker_outage_seen(&self) {
+        let why = poll::until("the ingress to report not ready", ARRIVAL, || async {
+            self.ready(self.env.ingress_admin_port).await.err()
+        })
+        .await;
+        assert!(why.contains("broker"), "{why}");
+        poll::until("the relay to report not ready", ARRIVAL, || async {
+            self.ready(self.env.relay_admin_port).await.err()
+        })
+        .await;
+    }
+
     /// A burst of `n` in the background; returns its progress counter.
     pub fn burst(&self, n: usize) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<Sent>) {
         self.spawn_burst(n, false)

@@ -15,9 +15,8 @@ use std::time::Duration;
 
 use herald_tests::{
     containers,
-    fixture::{ARRIVAL, Fixture, HTTP_PASSWORD, report},
+    fixture::{Fixture, HTTP_PASSWORD, report},
     load::{self, Tally},
-    poll,
     receiver::Received,
 };
 
@@ -96,13 +95,7 @@ async fn broker_outage_mid_burst(outage: Outage) {
         Outage::Kill => rabbitmq.kill().await,
     }
     let probes = refused_while_out(&f, &format!("while the broker is out ({outage:?})")).await;
-    let why = poll::until("the ingress to report not ready", ARRIVAL, || async {
-        f.ready(f.env.ingress_admin_port).await.err()
-    })
-    .await;
-    assert!(why.contains("broker"), "{why}");
-    poll::until("the relay to report not ready", ARRIVAL, || async { f.ready(f.env.relay_admin_port).await.err() })
-        .await;
+    f.wait_broker_outage_seen().await;
 
     rabbitmq.start_again().await;
     f.wait_ready(f.env.ingress_admin_port).await;

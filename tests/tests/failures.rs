@@ -149,13 +149,7 @@ async fn a_cut_broker_link_is_503_never_202_and_heals_without_restart() {
         assert_eq!(response.status(), 503, "no 2xx without a confirm");
         assert!(response.headers().contains_key("retry-after"));
     }
-    let why = poll::until("the ingress to report not ready", ARRIVAL, || async {
-        f.ready(f.env.ingress_admin_port).await.err()
-    })
-    .await;
-    assert!(why.contains("broker"), "{why}");
-    poll::until("the relay to report not ready", ARRIVAL, || async { f.ready(f.env.relay_admin_port).await.err() })
-        .await;
+    f.wait_broker_outage_seen().await;
 
     proxy.restore();
     let after = poll::until("the ingress to accept again", ARRIVAL, || async {
