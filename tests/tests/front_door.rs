@@ -8,7 +8,7 @@ use std::{net::IpAddr, time::Duration};
 
 use herald_tests::{
     Broker, Stack, StackOptions, admin,
-    binaries::{Service, ServiceEnv},
+    binaries::{self, Service, ServiceEnv},
     blocker::Blocker,
     poll,
     proxy::amqp_authority,
@@ -134,12 +134,7 @@ async fn a_thousand_wrong_guesses_do_not_grow_the_ingress_memory() {
             assert!(status == 401 || status == 503 || status == 429, "{status}");
         }
     }
-    let status = std::fs::read_to_string(format!("/proc/{}/status", ingress.pid())).expect("proc status");
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
+    let peak_kib = binaries::peak_rss_kib(ingress.pid()).expect("VmHWM");
     // Two 19 MiB argon2 buffers and the rest of the service: far below
     // the hundreds of MiB an allocation per check reached.
     assert!(peak_kib < 128 * 1024, "peak RSS {peak_kib} KiB");

@@ -34,12 +34,6 @@ fn hang_up(pid: u32) {
     assert!(status.success());
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a number")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_gets_in_without_argon2_until_it_is_revoked_and_the_file_reloaded() {
     herald_shared::telemetry::install_crypto_provider();
@@ -86,7 +80,7 @@ async fn a_token_gets_in_without_argon2_until_it_is_revoked_and_the_file_reloade
     assert_eq!((got.body.as_str(), got.from.split('/').next()), ("by token", Some(sender.jid.as_str())));
 
     // Ten thousand wrong tokens: each a 401, no argon2, no lasting memory.
-    let before = rss_kib(ingress.pid());
+    let before = binaries::rss_kib(ingress.pid()).expect("VmRSS");
     let wrong = futures::future::join_all((0..100).map(|task| {
         let (http, url) = (http.clone(), url.clone());
         async move {
@@ -103,7 +97,7 @@ async fn a_token_gets_in_without_argon2_until_it_is_revoked_and_the_file_reloade
     assert!(wrong.iter().flatten().all(|s| *s == 401), "every wrong token is a 401");
     assert_eq!(metric("herald_tokens_refused_total").await, 10_001.0);
     assert_eq!(metric("herald_password_checks_peak").await, 0.0, "no argon2 ran for any token");
-    let grown = rss_kib(ingress.pid()).saturating_sub(before);
+    let grown = binaries::rss_kib(ingress.pid()).expect("VmRSS").saturating_sub(before);
     assert!(grown < 16 * 1024, "the ingress grew by {grown} KiB over 10,000 wrong tokens");
 
     // A file that does not parse is refused; the last good one stays.

@@ -39,17 +39,7 @@ fn kib(value: &str) -> Option<u64> {
     value.split_whitespace().next()?.parse().ok()
 }
 
-/// A process's peak resident set (`VmHWM`) in KiB.
-pub fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    kib(&field(&status, "VmHWM")?)
-}
-
-/// A process's resident set now (`VmRSS`) in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    kib(&field(&status, "VmRSS")?)
-}
+pub use herald_tests::binaries::{peak_rss_kib, rss_kib};
 
 /// User plus system CPU time of some processes so far, in seconds.
 pub fn cpu_seconds(pids: &[u32]) -> f64 {
