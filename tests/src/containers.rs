@@ -57,6 +57,8 @@ const AMQP_PORT: u16 = 5672;
 const RABBITMQ_READY: Duration = Duration::from_secs(180);
 /// How long an AMQP connection attempt may take while waiting for the broker.
 const CONNECT_ATTEMPT: Duration = Duration::from_secs(5);
+/// How long freezing a container may take, attempts included.
+const PAUSE_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a graceful stop may take before it turns into SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(60);
 /// How long a container may take to be gone after SIGKILL.
@@ -351,9 +353,20 @@ impl RabbitMq {
     }
 
     /// Freezes every process of the container (the cgroup freezer): open
-    /// connections stay open but nothing answers.
+    /// connections stay open but nothing answers. runc gives up (and thaws)
+    /// when a process does not freeze in time, as one waiting on the disk
+    /// under a burst may not: it is asked again until the deadline.
     pub async fn pause(&self) {
-        self.container.pause().await.expect("pause the RabbitMQ container");
+        poll::until("the RabbitMQ container to freeze", PAUSE_DEADLINE, || async {
+            match self.container.pause().await {
+                Ok(()) => Some(()),
+                Err(e) => {
+                    eprintln!("pausing the RabbitMQ container failed ({e}); asking again");
+                    None
+                }
+            }
+        })
+        .await;
     }
 
     /// Thaws a paused container.
