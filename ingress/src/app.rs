@@ -6,6 +6,11 @@ use axum::Router;
 use herald_shared::{
     admin::{Admin, Readiness},
     amqp::ConfirmChannel,
+    outcomes::{
+        self,
+        reader::Reader,
+        writer::{Writer, WriterTask},
+    },
 };
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -17,6 +22,7 @@ use crate::{
     auth::Authenticator,
     config::Config,
     error::Error,
+    jobs::Jobs,
     metrics::Metrics,
     reload::Reloader,
     routes::{self, AppState},
@@ -37,6 +43,9 @@ pub struct Application {
     publisher: Arc<ConfirmChannel>,
     admin: Admin,
     reloader: Reloader,
+    outcomes: WriterTask,
+    reader: Reader,
+    jobs: Arc<Jobs>,
 }
 
 impl Application {
@@ -80,7 +89,19 @@ impl Application {
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.listen)))?;
         let publisher =
-            Arc::new(ConfirmChannel::new(amqp_urls, "herald-ingress", config.broker.topology(), Vec::new()));
+            Arc::new(ConfirmChannel::new(amqp_urls.clone(), "herald-ingress", config.broker.topology(), Vec::new()));
+        let outcome_metrics = outcomes::Metrics::register(&mut registry);
+        let (writer, outcomes) = Writer::new(
+            amqp_urls.clone(),
+            "herald-ingress outcomes",
+            config.broker.topology(),
+            outcome_metrics.clone(),
+        );
+        // One index for status and idempotency keys: as long as the longer.
+        let window = config.job_status_window.max(config.idempotency_window);
+        let jobs = Arc::new(Jobs::new(window, config.job_status_capacity as usize));
+        let reader =
+            Reader::new(amqp_urls, "herald-ingress outcomes reader", config.broker.topology(), window, outcome_metrics);
         let ready: Readiness = {
             let publisher = Arc::clone(&publisher);
             Arc::new(move || broker_readiness(&publisher))
@@ -97,13 +118,26 @@ impl Application {
             max_body_bytes: config.max_body_bytes,
             metrics: Arc::clone(&metrics),
             templates,
-            idempotency: Arc::new(crate::idempotency::Accepted::new(config.idempotency_window)),
+            jobs: Arc::clone(&jobs),
+            outcomes: writer,
+            idempotency_window: config.idempotency_window,
             body_timeout: config.http_body_timeout,
             max_stanza_bytes: config.max_stanza_bytes,
         };
         let limits =
             Limits { header_timeout: config.http_header_timeout, max_connections: config.http_max_connections };
-        Ok(Self { listener, router: routes::router(state), limits, metrics, publisher, admin, reloader })
+        Ok(Self {
+            listener,
+            router: routes::router(state),
+            limits,
+            metrics,
+            publisher,
+            admin,
+            reloader,
+            outcomes,
+            reader,
+            jobs,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -122,8 +156,17 @@ impl Application {
         let admin = tokio::spawn(self.admin.serve(stop.clone().cancelled_owned()));
         let reconnect = tokio::spawn(keep_connected(Arc::clone(&self.publisher), stop.clone()));
         let reloader = tokio::spawn(self.reloader.run(stop.clone()));
+        let jobs = self.jobs;
+        let reader = tokio::spawn(self.reader.run(stop.clone(), move |record| jobs.apply(record)));
+        // The writer outlives the requests: it stops after the server, with
+        // the records of the last requests.
+        let writer_stop = CancellationToken::new();
+        let writer = tokio::spawn(self.outcomes.run(writer_stop.clone()));
         server::serve(self.listener, self.router, self.limits, self.metrics, shutdown).await;
         stop.cancel();
+        writer_stop.cancel();
+        drop(reader.await);
+        drop(writer.await);
         drop(reconnect.await);
         drop(reloader.await);
         drop(admin.await);

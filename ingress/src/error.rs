@@ -25,8 +25,11 @@ pub enum Error {
     TooLarge(String),
     #[error("no such route")]
     NotFound,
-    #[error("this route takes POST")]
+    #[error("this route does not take this method")]
     MethodNotAllowed,
+    /// No job of this user's with this id within the job status window.
+    #[error("no job {0} of yours is known (job status is kept for HERALD_JOB_STATUS_WINDOW)")]
+    UnknownJob(uuid::Uuid),
     /// Too many failed logins from this client (its address, or its own
     /// tries of this account).
     #[error("too many failed logins from this client; retry in {0} s")]
@@ -90,7 +93,7 @@ impl Error {
             Error::Malformed(_) => StatusCode::BAD_REQUEST,
             Error::Invalid(ValidationError::BodyTooLong { .. }) | Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Error::NotFound => StatusCode::NOT_FOUND,
+            Error::NotFound | Error::UnknownJob(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::TooManyAttempts(_) | Error::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -110,6 +113,7 @@ impl Error {
             Error::Invalid(ValidationError::BodyTooLong { .. }) | Error::TooLarge(_) => "too-large",
             Error::Invalid(_) => "invalid-message",
             Error::NotFound => "not-found",
+            Error::UnknownJob(_) => "unknown-job",
             Error::MethodNotAllowed => "method-not-allowed",
             Error::TooManyAttempts(_) => "too-many-failed-logins",
             Error::RateLimited(_) => "rate-limited",

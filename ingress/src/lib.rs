@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod hash_password;
 pub mod idempotency;
+pub mod jobs;
 pub mod metrics;
 pub mod password;
 pub mod payload;

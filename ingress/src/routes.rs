@@ -10,12 +10,14 @@ use axum::{
     http::{HeaderMap, StatusCode, Uri, header},
     middleware,
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
 };
 use herald_shared::{
     Body, Job, MessageKind, Recipient, ValidationError,
     amqp::ConfirmChannel,
     domain::{MAX_SUBJECT_BYTES, MAX_THREAD_BYTES, ShortText},
+    job::now_ms,
+    outcomes::{Record, writer::Writer},
 };
 use serde::Serialize;
 
@@ -24,6 +26,7 @@ use crate::{
     auth::{Authenticated, Authenticator},
     error::Error,
     idempotency,
+    jobs::Jobs,
     metrics::{self, Metrics},
     payload::{self, RawMessage},
     publisher::{self, AcceptedJob},
@@ -48,7 +51,12 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
     pub templates: Arc<Templates>,
-    pub idempotency: Arc<idempotency::Accepted>,
+    /// Recent jobs, from the outcomes stream: status and idempotency keys.
+    pub jobs: Arc<Jobs>,
+    /// Where this replica records the jobs it accepted.
+    pub outcomes: Writer,
+    /// How long an idempotency key holds.
+    pub idempotency_window: Duration,
     /// How long a client may take to send a request's body.
     pub body_timeout: Duration,
     /// The XMPP server's stanza limit, as the relay has it.
@@ -65,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/alertmanager/{to}", post(alertmanager))
         .route("/grafana", post(grafana))
         .route("/grafana/{to}", post(grafana))
+        .route("/jobs/{id}", get(job_status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::count_requests))
@@ -131,6 +140,21 @@ async fn grafana(
 
 fn path_recipient(to: Result<Option<Path<String>>, PathRejection>) -> Result<Option<String>, Error> {
     Ok(to.map_err(|e| Error::Malformed(e.body_text()))?.map(|Path(to)| to))
+}
+
+/// `GET /jobs/{id}`: what became of one of the user's jobs, as this
+/// replica knows it from the outcomes stream.
+async fn job_status(
+    State(state): State<AppState>,
+    Authenticated(user): Authenticated,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, Error> {
+    let Path(id) = id.map_err(|e| Error::Malformed(e.body_text()))?;
+    let id = uuid::Uuid::try_parse(&id).map_err(|_| Error::Malformed(format!("{id:?} is not a job id")))?;
+    match state.jobs.status(id, &user.jid) {
+        Some(status) => Ok(Json(status).into_response()),
+        None => Err(Error::UnknownJob(id)),
+    }
 }
 
 /// Anything else: a problem document rather than an empty 404.
@@ -207,10 +231,6 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
     let jobs = build_jobs(user, raw, state.max_body_bytes)?;
     let mut jobs = fit_stanza(jobs, state.max_stanza_bytes, cut_to_fit)?;
     let recipients: Vec<String> = jobs.iter().map(job_recipient).collect();
-    if let Some(jobs) = key.as_deref().and_then(|key| state.idempotency.get(&user.jid, key, &recipients)) {
-        tracing::debug!(user = %user.jid, "repeated idempotency key: the first answer, nothing published");
-        return Ok((StatusCode::ACCEPTED, Json(Accepted { jobs })).into_response());
-    }
     if let Some(key) = &key {
         jobs = jobs
             .into_iter()
@@ -219,6 +239,13 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
                 job.with_id(id)
             })
             .collect();
+        // A repeat (on this replica or another): every job of it was
+        // accepted within the window. Answered as the first time, with
+        // nothing published, even while the broker is away.
+        if jobs.iter().all(|job| state.jobs.accepted_idempotent(job.id(), &user.jid, state.idempotency_window)) {
+            tracing::debug!(user = %user.jid, "repeated idempotency key: the first answer, nothing published");
+            return Ok((StatusCode::ACCEPTED, Json(Accepted { jobs: accepted(&jobs, &recipients) })).into_response());
+        }
     }
     // Without a confirm channel (the background task reconnects every 2 s)
     // answer 503 at once: before the rate limit takes tokens for a request
@@ -238,13 +265,21 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
     futures::future::try_join_all(jobs.iter().map(|job| publisher::publish(&state.publisher, job, idempotent))).await?;
     state.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
     state.metrics.jobs_published.inc_by(jobs.len() as u64);
-    let accepted: Vec<AcceptedJob> =
-        jobs.iter().zip(&recipients).map(|(job, to)| AcceptedJob { id: job.id(), to: to.clone() }).collect();
-    if let Some(key) = &key {
-        state.idempotency.put(&user.jid, key, &recipients, accepted.clone());
+    // Only now, once the broker has them: a repeat must never be answered
+    // with jobs that were not queued.
+    let at_ms = now_ms();
+    for job in &jobs {
+        let record =
+            Record::Accepted { id: job.id(), owner: user.jid.clone(), to: job_to(job).clone(), at_ms, idempotent };
+        state.jobs.apply(record.clone());
+        state.outcomes.record(record);
     }
     tracing::debug!(jobs = jobs.len(), user = %user.jid, "accepted");
-    Ok((StatusCode::ACCEPTED, Json(Accepted { jobs: accepted })).into_response())
+    Ok((StatusCode::ACCEPTED, Json(Accepted { jobs: accepted(&jobs, &recipients) })).into_response())
+}
+
+fn accepted(jobs: &[Job], recipients: &[String]) -> Vec<AcceptedJob> {
+    jobs.iter().zip(recipients).map(|(job, to)| AcceptedJob { id: job.id(), to: to.clone() }).collect()
 }
 
 fn job_to(job: &Job) -> &Recipient {
@@ -386,11 +421,13 @@ mod tests {
                 admission,
                 Arc::clone(&metrics),
             )),
-            publisher: Arc::new(ConfirmChannel::new(urls, "test", Topology::new("t"), Vec::new())),
+            publisher: Arc::new(ConfirmChannel::new(urls.clone(), "test", Topology::new("t"), Vec::new())),
             max_body_bytes: 8 * 1024,
             metrics,
             templates: Arc::new(Templates::load(None, None).expect("templates")),
-            idempotency: Arc::new(idempotency::Accepted::new(Duration::from_secs(60))),
+            jobs: Arc::new(Jobs::new(Duration::from_secs(60), 100)),
+            outcomes: Writer::new(urls.clone(), "test", Topology::new("t"), Default::default()).0,
+            idempotency_window: Duration::from_secs(60),
             body_timeout: Duration::from_secs(5),
             max_stanza_bytes: 4096,
         }

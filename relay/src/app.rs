@@ -9,6 +9,7 @@ use std::{
 use herald_shared::{
     admin::{Admin, Readiness},
     amqp::{BrokerUrls, ConfirmChannel},
+    outcomes::{self, reader::Reader, writer::Writer},
 };
 use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use prometheus_client::registry::Registry;
@@ -34,6 +35,7 @@ pub struct Application {
     accounts: Vec<Account>,
     admin: Admin,
     metrics: Arc<Metrics>,
+    outcome_metrics: outcomes::Metrics,
     delivery: Arc<OnceLock<Arc<Delivery>>>,
 }
 
@@ -51,6 +53,7 @@ impl Application {
         }
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
+        let outcome_metrics = outcomes::Metrics::register(&mut registry);
         let delivery: Arc<OnceLock<Arc<Delivery>>> = Arc::default();
         let ready: Readiness = {
             let (metrics, delivery) = (Arc::clone(&metrics), Arc::clone(&delivery));
@@ -59,7 +62,7 @@ impl Application {
         let admin = Admin::bind(config.admin_listen, registry, ready)
             .await
             .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.admin_listen)))?;
-        Ok(Self { config, amqp_urls, accounts, admin, metrics, delivery })
+        Ok(Self { config, amqp_urls, accounts, admin, metrics, outcome_metrics, delivery })
     }
 
     pub fn admin_port(&self) -> u16 {
@@ -69,7 +72,7 @@ impl Application {
     /// Runs until `shutdown` resolves, then stops consuming, waits (bounded)
     /// for the acks of what was already sent, and closes the XMPP streams.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let Self { config, amqp_urls, accounts, admin, metrics, delivery: ready_delivery } = self;
+        let Self { config, amqp_urls, accounts, admin, metrics, outcome_metrics, delivery: ready_delivery } = self;
         let stop_admin = CancellationToken::new();
         let admin = tokio::spawn(admin.serve(stop_admin.clone().cancelled_owned()));
         let settings = delivery::Settings {
@@ -83,7 +86,25 @@ impl Application {
             max_stanza_bytes: config.max_stanza_bytes,
             idempotency_window: config.idempotency_window,
         };
-        let delivery = Arc::new(Delivery::start(accounts, settings, Arc::clone(&metrics)));
+        let topology = config.broker.topology();
+        let (writer, writer_task) =
+            Writer::new(amqp_urls.clone(), "herald-relay outcomes", topology.clone(), outcome_metrics.clone());
+        let stop_writer = CancellationToken::new();
+        let writer_task = tokio::spawn(writer_task.run(stop_writer.clone()));
+        let delivery = Arc::new(Delivery::start(accounts, settings, Arc::clone(&metrics), writer));
+        // What other relays delivered, from the outcomes stream: as far back
+        // as this relay's own memory of delivered ids reaches.
+        let reader = (!config.idempotency_window.is_zero()).then(|| {
+            let reader = Reader::new(
+                amqp_urls.clone(),
+                "herald-relay outcomes reader",
+                topology,
+                config.idempotency_window,
+                outcome_metrics,
+            );
+            let delivery = Arc::clone(&delivery);
+            tokio::spawn(reader.run(stop_admin.clone(), move |record| delivery.learn(&record)))
+        });
         let _ = ready_delivery.set(Arc::clone(&delivery));
         let publisher = Arc::new(ConfirmChannel::new(
             amqp_urls.clone(),
@@ -130,7 +151,12 @@ impl Application {
         drop(bounces.await);
         give_up.abort();
         stop_admin.cancel();
+        stop_writer.cancel();
         drop(sampler.await);
+        if let Some(reader) = reader {
+            drop(reader.await);
+        }
+        drop(writer_task.await);
         drop(admin.await);
         publisher.close().await;
         tracing::info!("herald-relay stopped");

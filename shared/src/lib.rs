@@ -6,6 +6,7 @@ pub mod admin;
 pub mod amqp;
 pub mod domain;
 pub mod job;
+pub mod outcomes;
 pub mod recently;
 pub mod shutdown;
 pub mod telemetry;

@@ -59,6 +59,14 @@ impl<K: Eq + Hash + Clone, V: Clone> Recently<K, V> {
         true
     }
 
+    /// Inserts or refreshes `key` with what `f` makes of its value, if any,
+    /// under one lock.
+    pub fn update(&self, key: K, f: impl FnOnce(Option<&V>) -> V) {
+        let mut inner = self.lock();
+        let value = f(inner.entries.get(&key).map(|(_, value)| value));
+        inner.put(key, value, self.window, self.capacity);
+    }
+
     pub fn remove(&self, key: &K) {
         self.lock().entries.remove(key);
     }
@@ -122,5 +130,13 @@ mod tests {
         assert_eq!(recently.get(&"c"), Some(()));
         recently.remove(&"a");
         assert_eq!(recently.get(&"a"), None);
+    }
+
+    #[test]
+    fn updates_see_the_value_in_place() {
+        let counts = Recently::new(Duration::from_secs(3600), 3);
+        counts.update("a", |old: Option<&u32>| old.map_or(1, |n| n + 1));
+        counts.update("a", |old| old.map_or(1, |n| n + 1));
+        assert_eq!(counts.get(&"a"), Some(2));
     }
 }

@@ -8,6 +8,9 @@
 //!                   (quorum, per-queue TTL) ─────────────────┘──┘ dead-letters back
 //!            relay: permanent failure → <prefix>.dead (quorum, parking lot)
 //!            delivery-limit exceeded on work → <prefix>.dead
+//!
+//! both services: records of what became of each job → <prefix>.outcomes
+//!                (a stream: every replica reads all of it; see `outcomes`)
 //! ```
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -25,6 +28,16 @@ pub const DELIVERY_LIMIT: i64 = 10;
 /// positive, which every RabbitMQ version takes as a limit (see
 /// `declare_dead_queue`).
 pub const DEAD_DELIVERY_LIMIT: i64 = i32::MAX as i64;
+
+/// How long the outcomes stream keeps a record (RabbitMQ's `x-max-age`:
+/// whole segments go once all their records are older).
+pub const OUTCOMES_MAX_AGE: &str = "1D";
+/// The most the outcomes stream keeps on disk, in bytes; the oldest
+/// segments go first past it.
+pub const OUTCOMES_MAX_BYTES: i64 = 1024 * 1024 * 1024;
+/// The size of one segment of the outcomes stream: retention drops whole
+/// segments, so this is how finely it works.
+pub const OUTCOMES_SEGMENT_BYTES: i64 = 32 * 1024 * 1024;
 
 /// AMQP headers Herald sets.
 pub mod headers {
@@ -75,6 +88,26 @@ impl Topology {
         format!("{}.retry.{}ms", self.prefix, delay.as_millis())
     }
 
+    /// The stream of what became of each job (see `outcomes`).
+    pub fn outcomes_stream(&self) -> String {
+        format!("{}.outcomes", self.prefix)
+    }
+
+    /// Declares the outcomes stream (idempotent): a stream queue, with its
+    /// retention bounded by age and size.
+    pub async fn declare_outcomes(&self, channel: &Channel) -> lapin::Result<()> {
+        let mut args = FieldTable::default();
+        args.insert(ShortString::from("x-queue-type"), str_value("stream"));
+        args.insert(ShortString::from("x-max-age"), str_value(OUTCOMES_MAX_AGE));
+        args.insert(ShortString::from("x-max-length-bytes"), AMQPValue::LongLongInt(OUTCOMES_MAX_BYTES));
+        args.insert(
+            ShortString::from("x-stream-max-segment-size-bytes"),
+            AMQPValue::LongLongInt(OUTCOMES_SEGMENT_BYTES),
+        );
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(self.outcomes_stream().into(), durable, args).await.map(drop)
+    }
+
     /// Declares everything (idempotent). The ingress passes no retry delays;
     /// the relay passes its schedule. `connection` is the one `channel`
     /// belongs to: the dead queue's probes use channels of their own.
@@ -111,6 +144,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        self.declare_outcomes(channel).await?;
         for delay in retry_delays {
             let args = quorum(&[
                 ("x-message-ttl", AMQPValue::LongLongInt(delay.as_millis() as i64)),
@@ -178,6 +212,7 @@ mod tests {
         assert_eq!(t.exchange(), "t1.jobs");
         assert_eq!(t.work_queue(), "t1.work");
         assert_eq!(t.dead_queue(), "t1.dead");
+        assert_eq!(t.outcomes_stream(), "t1.outcomes");
         assert_eq!(t.retry_queue(Duration::from_secs(5)), "t1.retry.5000ms");
     }
 }

@@ -174,7 +174,7 @@ impl Broker {
     /// the delay queues of `retry_delays`.
     pub async fn cleanup(&self, retry_delays: &[Duration]) {
         let t = self.topology();
-        let mut queues = vec![t.work_queue(), t.dead_queue()];
+        let mut queues = vec![t.work_queue(), t.dead_queue(), t.outcomes_stream()];
         queues.extend(retry_delays.iter().map(|d| t.retry_queue(*d)));
         for q in queues {
             drop(self.channel.queue_delete(q.into(), QueueDeleteOptions::default()).await);

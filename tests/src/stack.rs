@@ -159,6 +159,58 @@ impl Stack {
         request.send().await.expect("HTTP request")
     }
 
+    /// A job from the stack's sender to `to`, as the ingress would make it
+    /// (to publish straight to the queue).
+    pub fn job(&self, to: &str, text: &str) -> herald_shared::Job {
+        use herald_shared::{Body, Job, MessageKind, Recipient, Sender};
+        let from = Sender::parse(&self.sender.jid).expect("sender");
+        let to = Recipient::parse(to, from.domain()).expect("recipient");
+        let body = Body::parse(text.to_owned(), 1024).expect("body");
+        Job::new_v1(from, to, MessageKind::parse(None).expect("kind"), body, None, None)
+    }
+
+    /// The job an ingress makes of a request with an `Idempotency-Key`:
+    /// its id derives from the sender, `key` and `to`.
+    pub fn idempotent_job(&self, to: &str, key: &str, text: &str) -> herald_shared::Job {
+        let job = self.job(to, text);
+        let herald_shared::Job::V1(v1) = &job;
+        let id = herald_shared::job::idempotent_id(&v1.from, key, &v1.to);
+        job.with_id(id)
+    }
+
+    /// Another ingress replica, in this process: the same broker, prefix and
+    /// users file. Stop it before the stack.
+    pub async fn ingress_replica(&self) -> Replica {
+        let config = ingress_config(&self.broker.url, &self.broker.prefix, self.dir.path().join("users.toml"));
+        let ingress = herald_ingress::Application::build(config).await.expect("ingress replica builds");
+        let (url, admin_url) =
+            (format!("http://127.0.0.1:{}", ingress.port()), format!("http://127.0.0.1:{}", ingress.admin_port()));
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            ingress.run_until(async move { token.cancelled().await }).await.expect("ingress replica runs");
+        });
+        Replica { url, admin_url, stop, task }
+    }
+
+    /// A relay replica, in this process, holding the stack's sender account
+    /// (`instance` names it). Its `url` is its admin listener. Stop it
+    /// before the stack.
+    pub async fn relay_replica(&self, instance: &str) -> Replica {
+        let accounts_file = self.dir.path().join("accounts.toml");
+        let mut config = relay_config(&self.broker.url, &self.broker.prefix, accounts_file, &self.options.retry_delays);
+        config.unknown_sender_grace = self.options.unknown_sender_grace;
+        config.instance = instance.to_owned();
+        let relay = herald_relay::Application::build(config).await.expect("relay replica builds");
+        let admin_url = format!("http://127.0.0.1:{}", relay.admin_port());
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            relay.run_until(async move { token.cancelled().await }).await.expect("relay replica runs");
+        });
+        Replica { url: admin_url.clone(), admin_url, stop, task }
+    }
+
     /// Stops both services gracefully and deletes the test's queues.
     pub async fn stop(self) {
         self.stop.cancel();
@@ -166,6 +218,23 @@ impl Stack {
             task.await.expect("service task");
         }
         self.broker.cleanup(&self.options.retry_delays).await;
+    }
+}
+
+/// A second (or third) service of a stack, in-process.
+pub struct Replica {
+    /// Its HTTP API (an ingress) or its admin listener (a relay).
+    pub url: String,
+    pub admin_url: String,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Replica {
+    /// Stops it gracefully.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("replica task");
     }
 }
 
@@ -194,6 +263,8 @@ pub fn ingress_config(amqp_url: &str, prefix: &str, users_file: PathBuf) -> hera
         alertmanager_template: None,
         grafana_template: None,
         idempotency_window: Duration::from_secs(600),
+        job_status_window: Duration::from_secs(3600),
+        job_status_capacity: 65_536,
         users_reload_interval: Duration::from_millis(200),
     }
 }

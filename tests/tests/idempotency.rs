@@ -4,7 +4,6 @@
 //! when the broker hands it the job twice (two ingress replicas).
 
 use crate::{ALERTMANAGER, ARRIVAL};
-use herald_shared::{Body, Job, MessageKind, Recipient, Sender};
 use herald_tests::stack::user_entry;
 use herald_tests::{Receiver, Stack, StackOptions};
 use std::time::Duration;
@@ -115,14 +114,9 @@ async fn the_relay_sends_an_idempotent_job_once_even_when_queued_twice() {
     let stack = Stack::start(StackOptions::default()).await;
     let oncall = stack.prosody.register("oncall");
     let mut rx = Receiver::connect(&stack.prosody, &oncall).await;
-    let from = Sender::parse(&stack.sender.jid).expect("sender");
-    let to = Recipient::parse(&oncall.jid, from.domain()).expect("recipient");
-    let job = |text: &str| {
-        let body = Body::parse(text.to_owned(), 1024).expect("body");
-        Job::new_v1(from.clone(), to.clone(), MessageKind::parse(None).expect("kind"), body, None, None)
-    };
+    let job = |text: &str| stack.job(&oncall.jid, text);
     // Two ingress replicas took the same request: the same id, twice.
-    let idempotent = job("from two replicas").with_id(herald_shared::job::idempotent_id(&from, "k", &to));
+    let idempotent = stack.idempotent_job(&oncall.jid, "k", "from two replicas");
     stack.broker.publish_job(&idempotent, true).await;
     stack.broker.publish_job(&idempotent, true).await;
     // Without the mark, a copy that comes after the first was delivered is

@@ -23,6 +23,7 @@ mod failures;
 mod front_door;
 mod hostile;
 mod idempotency;
+mod job_status;
 mod operations;
 mod policy;
 mod properties;

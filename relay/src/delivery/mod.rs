@@ -10,7 +10,12 @@ pub mod seen;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use herald_shared::{Job, Sender, job::now_ms, telemetry::Repeated};
+use herald_shared::{
+    Job, Sender,
+    job::now_ms,
+    outcomes::{self, Record, writer::Writer},
+    telemetry::Repeated,
+};
 use tokio::sync::{Mutex, mpsc};
 
 use self::{
@@ -82,6 +87,8 @@ pub struct Delivery {
     metrics: Arc<Metrics>,
     /// Per sender: its retries are logged once per `RETRY_LOG_INTERVAL`.
     retry_logs: std::sync::Mutex<HashMap<Sender, Arc<Repeated>>>,
+    /// Where each job's outcome is recorded.
+    outcomes: Writer,
 }
 
 /// A sender's failed attempts are logged at most once in this interval,
@@ -91,7 +98,7 @@ const RETRY_LOG_INTERVAL: Duration = Duration::from_secs(10);
 impl Delivery {
     /// Starts the sessions (see [`Sessions`]); they run until
     /// `close_sessions`.
-    pub fn start(accounts: Vec<Account>, settings: Settings, metrics: Arc<Metrics>) -> Self {
+    pub fn start(accounts: Vec<Account>, settings: Settings, metrics: Arc<Metrics>, outcomes: Writer) -> Self {
         let (bounces_tx, bounced) = mpsc::unbounded_channel();
         let sessions = Sessions::start(accounts, settings.session, bounces_tx, Arc::clone(&metrics));
         Self {
@@ -104,7 +111,38 @@ impl Delivery {
             bounced: Mutex::new(bounced),
             metrics,
             retry_logs: std::sync::Mutex::default(),
+            outcomes,
         }
+    }
+
+    /// Learns from another relay's record (or this one's, read back): an
+    /// idempotent job delivered is not sent again here; one that bounced
+    /// after its delivery (retried or parked) must be, when it comes back.
+    pub fn learn(&self, record: &Record) {
+        match record {
+            Record::Delivered { id, idempotent: true, .. } => self.seen.remember(*id),
+            Record::Retrying { id, .. } | Record::Parked { id, .. } => self.seen.forget(*id),
+            _ => {}
+        }
+    }
+
+    /// Records a job's settlement in the outcomes stream.
+    fn record(&self, id: uuid::Uuid, settlement: &Settlement) {
+        let at_ms = now_ms();
+        let record = match settlement {
+            Settlement::Ack => return,
+            Settlement::Retry { delay, attempt, reason } => Record::Retrying {
+                id,
+                at_ms,
+                attempt: *attempt,
+                next_at_ms: at_ms + delay.as_millis() as u64,
+                reason: outcomes::reason(reason),
+            },
+            Settlement::Park { attempts, reason } => {
+                Record::Parked { id, at_ms, attempts: *attempts, reason: outcomes::reason(reason) }
+            }
+        };
+        self.outcomes.record(record);
     }
 
     /// What keeps the open sessions from delivering, one entry per session.
@@ -159,6 +197,12 @@ impl Delivery {
             Ok(()) => {
                 claim.delivered(incoming.idempotent);
                 tracing::debug!(%id, "delivered");
+                self.outcomes.record(Record::Delivered {
+                    id,
+                    at_ms: now_ms(),
+                    attempts: incoming.attempts + 1,
+                    idempotent: incoming.idempotent,
+                });
                 self.metrics.count(Outcome::Delivered);
                 let millis = now_ms().saturating_sub(accepted_at_ms);
                 self.metrics.delivery_latency.observe(millis as f64 / 1000.0);
@@ -172,6 +216,7 @@ impl Delivery {
                 if let Settlement::Retry { attempt, .. } = &settlement {
                     self.log_retry(job.sender(), *attempt, &error);
                 }
+                self.record(id, &settlement);
                 settlement
             }
         }
@@ -233,10 +278,11 @@ impl Delivery {
                     continue;
                 }
             };
+            let settlement = self.policy.after(&bounce_error(&bounce), job.attempts, Duration::ZERO);
             if let Ok(id) = uuid::Uuid::parse_str(&bounce.id) {
                 self.seen.forget(id);
+                self.record(id, &settlement);
             }
-            let settlement = self.policy.after(&bounce_error(&bounce), job.attempts, Duration::ZERO);
             return Some(Bounced { id: bounce.id, data: job.data, timestamp: job.timestamp, settlement });
         }
     }

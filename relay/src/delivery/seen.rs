@@ -107,6 +107,11 @@ impl Seen {
         }
     }
 
+    /// Remembers that another relay delivered the idempotent job `id`.
+    pub fn remember(&self, id: Uuid) {
+        self.delivered.insert(id, ());
+    }
+
     /// Forgets that `id` was delivered (it bounced and was parked or
     /// retried: a replay or a retry must be sent).
     pub fn forget(&self, id: Uuid) {

@@ -96,7 +96,7 @@ async fn publish(channel: &Channel, exchange: &str, payload: &[u8]) -> bool {
 }
 
 async fn delete(channel: &Channel, topology: &Topology) {
-    for queue in [topology.work_queue(), topology.dead_queue()] {
+    for queue in [topology.work_queue(), topology.dead_queue(), topology.outcomes_stream()] {
         drop(channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await);
     }
     drop(channel.exchange_delete(topology.exchange().into(), ExchangeDeleteOptions::default()).await);

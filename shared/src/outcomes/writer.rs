@@ -1,0 +1,124 @@
+//! Appending records to the outcomes stream, in batches: whatever records
+//! arrived while the previous batch was being confirmed go out as the next
+//! one (group commit), so one record waits about one confirm at low load,
+//! and a storm costs the broker one message per batch, not one per job.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{CONTENT_TYPE, Metrics, Record, encode};
+use crate::amqp::{BrokerUrls, ConfirmChannel};
+use crate::telemetry::Repeated;
+use crate::{Topology, job::now_ms};
+
+/// Records waiting to be written, at most; more are dropped and counted.
+pub const BUFFER: usize = 64 * 1024;
+/// Records in one stream message, at most.
+pub const MAX_BATCH: usize = 1024;
+/// Tries of one batch (each on a fresh connection after a failure).
+const TRIES: u32 = 3;
+const PAUSE: Duration = Duration::from_secs(1);
+/// How long the last records may take to get out on shutdown.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
+
+/// Hands records to the writer task; cheap to clone, never waits.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Record>,
+    metrics: Metrics,
+}
+
+impl Writer {
+    /// A writer and the task that publishes what it is given (run it with
+    /// [`WriterTask::run`]).
+    pub fn new(urls: BrokerUrls, name: &str, topology: Topology, metrics: Metrics) -> (Self, WriterTask) {
+        let (tx, rx) = mpsc::channel(BUFFER);
+        let stream = topology.outcomes_stream();
+        let channel = ConfirmChannel::new(urls, name, topology, Vec::new());
+        (Self { tx, metrics: metrics.clone() }, WriterTask { rx, channel, stream, metrics })
+    }
+
+    /// Queues a record for the stream; drops it (and counts it) if the
+    /// buffer is full or the writer stopped.
+    pub fn record(&self, record: Record) {
+        if self.tx.try_send(record).is_err() {
+            self.metrics.dropped.inc();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct WriterTask {
+    rx: mpsc::Receiver<Record>,
+    channel: ConfirmChannel,
+    stream: String,
+    metrics: Metrics,
+}
+
+impl WriterTask {
+    /// Writes batches until `stop`, then what is still buffered.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let failures = Repeated::new(Duration::from_secs(10));
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            let first = tokio::select! {
+                first = self.rx.recv() => first,
+                () = stop.cancelled() => None,
+            };
+            let Some(first) = first else { break };
+            batch.push(first);
+            self.fill(&mut batch);
+            self.write(&batch, TRIES, &failures, &stop).await;
+            batch.clear();
+        }
+        self.rx.close();
+        let _ = tokio::time::timeout(FINAL_FLUSH, async {
+            self.fill(&mut batch);
+            while !batch.is_empty() {
+                self.write(&batch, 1, &failures, &stop).await;
+                batch.clear();
+                self.fill(&mut batch);
+            }
+        })
+        .await;
+        self.channel.close().await;
+    }
+
+    fn fill(&mut self, batch: &mut Vec<Record>) {
+        while batch.len() < MAX_BATCH
+            && let Ok(record) = self.rx.try_recv()
+        {
+            batch.push(record);
+        }
+    }
+
+    async fn write(&self, batch: &[Record], tries: u32, failures: &Repeated, stop: &CancellationToken) {
+        let payload = encode(batch);
+        for attempt in 1..=tries {
+            let properties =
+                BasicProperties::default().with_content_type(CONTENT_TYPE.into()).with_timestamp(now_ms() / 1000);
+            match self.channel.publish("", &self.stream, &payload, properties).await {
+                Ok(()) => {
+                    self.metrics.written.inc_by(batch.len() as u64);
+                    return;
+                }
+                Err(e) if attempt == tries => {
+                    self.metrics.dropped.inc_by(batch.len() as u64);
+                    if let Some(times) = failures.tick() {
+                        tracing::warn!(error = %e, stream = %self.stream, records = batch.len(), times,
+                            "cannot write to the outcomes stream; dropped these records (job status and shared idempotency miss them)");
+                    }
+                }
+                Err(_) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(PAUSE) => {}
+                        () = stop.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+}
