@@ -108,6 +108,24 @@ impl Topology {
         channel.queue_declare(self.outcomes_stream().into(), durable, args).await.map(drop)
     }
 
+    /// The outcomes stream, on a channel of its own: a broker without
+    /// streams (before RabbitMQ 3.9, or with the `stream_queue` feature flag
+    /// off) closes that channel, not the one jobs go through. Jobs flow
+    /// either way; job status and shared idempotency wait for the stream.
+    async fn declare_outcomes_apart(&self, connection: &Connection) {
+        let declared = async {
+            let channel = connection.create_channel().await?;
+            let declared = self.declare_outcomes(&channel).await;
+            if channel.status().connected() {
+                drop(channel.close(200, "declared".into()).await);
+            }
+            declared
+        };
+        if let Err(e) = declared.await {
+            tracing::warn!(stream = %self.outcomes_stream(), error = %e, "cannot declare the outcomes stream; jobs flow, but job status and idempotency across replicas need it");
+        }
+    }
+
     /// Declares everything (idempotent). The ingress passes no retry delays;
     /// the relay passes its schedule. `connection` is the one `channel`
     /// belongs to: the dead queue's probes use channels of their own.
@@ -144,7 +162,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        self.declare_outcomes(channel).await?;
+        self.declare_outcomes_apart(connection).await;
         for delay in retry_delays {
             let args = quorum(&[
                 ("x-message-ttl", AMQPValue::LongLongInt(delay.as_millis() as i64)),

@@ -65,6 +65,17 @@ impl Herald {
         ready_within(http, self.env.ingress_admin_port, "herald-ingress", READY_TIMEOUT).await;
     }
 
+    /// A second ingress replica on the same broker, prefix and users file;
+    /// its HTTP port.
+    pub async fn start_ingress_replica(&self, http: &reqwest::Client) -> (Service, u16) {
+        let mut env = self.env.clone();
+        (env.ingress_port, env.ingress_admin_port) =
+            (herald_tests::prosody::free_port(), herald_tests::prosody::free_port());
+        let service = Service::spawn_logged("herald-ingress", &env.ingress(), Some(&self.log("herald-ingress-2")));
+        ready_within(http, env.ingress_admin_port, "the second herald-ingress", READY_TIMEOUT).await;
+        (service, env.ingress_port)
+    }
+
     pub async fn start_relay(&mut self, http: &reqwest::Client, extra: &[(String, String)]) {
         self.start_relay_within(http, extra, READY_TIMEOUT).await;
     }

@@ -16,6 +16,8 @@
 //!    receiver, in rounds alternating with 1's XMPP ceiling; then the latency
 //!    from POST to receipt at a fixed offered rate.
 //! 4. Each service's peak resident memory (VmHWM).
+//! 5. Replicas: how long after one ingress replica's 202 a second one
+//!    knows the job, through the outcomes stream.
 //!
 //! Options are flags or `HERALD_BENCH_*` variables (`--help`); the broker is
 //! `HERALD_TEST_AMQP_URL` or the local one, as for the tests.
@@ -28,6 +30,7 @@ mod http_load;
 mod jobs;
 mod machine;
 mod options;
+mod replicas;
 mod report;
 mod stats;
 mod storm;
@@ -200,6 +203,9 @@ async fn main() {
     let paced = paced(&target, &mut arrivals, &options).await;
     cpu.push(("3b. whole path, paced", meter.stop()));
 
+    progress(&format!("5. replicas: {} jobs, each followed until a second ingress knows it", replicas::SAMPLES));
+    let propagation = replicas::propagation(&herald, &target).await;
+
     let rss_ingress_kib = herald.ingress_pid().and_then(machine::peak_rss_kib);
     let rss_relay_kib = herald.relay_pid().and_then(machine::peak_rss_kib);
 
@@ -268,6 +274,7 @@ async fn main() {
         fanout,
         backlog,
         senders,
+        propagation,
         rss_ingress_kib,
         rss_relay_kib,
         cpu,

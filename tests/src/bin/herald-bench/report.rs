@@ -99,6 +99,7 @@ pub struct Results {
     pub fanout: Option<Fanout>,
     pub backlog: Option<Backlog>,
     pub senders: Option<Senders>,
+    pub propagation: crate::replicas::Propagation,
     pub rss_ingress_kib: Option<u64>,
     pub rss_relay_kib: Option<u64>,
     pub cpu: Vec<CpuUse>,
@@ -178,12 +179,24 @@ fn rows(r: &Results) -> Vec<Row> {
     rows.extend(ingress_rows(r));
     rows.extend(attack_rows(&r.attacked));
     rows.extend(e2e_rows(r));
+    rows.push(propagation_row(&r.propagation));
     rows.push(rss_row("peak RSS (VmHWM) herald-ingress, whole run", r.rss_ingress_kib));
     rows.push(rss_row("peak RSS (VmHWM) herald-relay, whole run", r.rss_relay_kib));
     rows.extend(r.fanout.iter().map(|f| fanout_row(r, f)));
     rows.extend(r.backlog.iter().flat_map(|b| backlog_rows(r, b)));
     rows.extend(r.senders.iter().flat_map(|s| senders_rows(r, s)));
     rows
+}
+
+fn propagation_row(p: &crate::replicas::Propagation) -> Row {
+    let delay = p.delay.map_or_else(|| "n/a".to_owned(), |d| d.summary());
+    Row::info(
+        format!(
+            "replicas: one ingress's 202 → a second ingress knows the job (GET /jobs/{{id}}), {} jobs in turn",
+            p.samples
+        ),
+        format!("**{delay}**; unknown after 5 s: {}", p.unseen),
+    )
 }
 
 fn senders_rows(r: &Results, s: &Senders) -> Vec<Row> {
