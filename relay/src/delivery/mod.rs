@@ -177,6 +177,20 @@ impl Delivery {
         self.bounces.begin(id, to.clone());
         let outcome = match self.deliver(&job).await {
             Ok(()) => {
+                // Recorded and remembered before the job is registered for
+                // bounces: a bounce that finds it registered forgets it and
+                // records its retry or park after this, in this order, here
+                // and in every relay that reads the stream.
+                self.outcomes.record(Record::Delivered {
+                    id,
+                    at_ms: now_ms(),
+                    attempts: incoming.attempts + 1,
+                    idempotent: incoming.idempotent,
+                });
+                // Copies waiting for the claim are duplicates either way: if
+                // a bounce came in flight, this job's own retry or park
+                // carries it on.
+                claim.delivered(incoming.idempotent);
                 let record = Delivered {
                     to,
                     data: incoming.data.into(),
@@ -185,32 +199,28 @@ impl Delivery {
                 };
                 match self.bounces.delivered(id, record) {
                     None => Ok(()),
-                    Some(bounce) => Err(bounce_error(&bounce)),
+                    Some(bounce) => {
+                        self.seen.forget(id);
+                        Err(bounce_error(&bounce))
+                    }
                 }
             }
             Err(e) => {
                 self.bounces.forget(id);
+                // A copy waiting for this claim may take over from here.
+                drop(claim);
                 Err(e)
             }
         };
         match outcome {
             Ok(()) => {
-                claim.delivered(incoming.idempotent);
                 tracing::debug!(%id, "delivered");
-                self.outcomes.record(Record::Delivered {
-                    id,
-                    at_ms: now_ms(),
-                    attempts: incoming.attempts + 1,
-                    idempotent: incoming.idempotent,
-                });
                 self.metrics.count(Outcome::Delivered);
                 let millis = now_ms().saturating_sub(accepted_at_ms);
                 self.metrics.delivery_latency.observe(millis as f64 / 1000.0);
                 Settlement::Ack
             }
             Err(error) => {
-                // A copy waiting for this claim may take over from here.
-                drop(claim);
                 let age = Duration::from_millis(now_ms().saturating_sub(accepted_at_ms));
                 let settlement = self.policy.after(&error, incoming.attempts, age);
                 if let Settlement::Retry { attempt, .. } = &settlement {
