@@ -91,17 +91,15 @@ impl Application {
         let publisher =
             Arc::new(ConfirmChannel::new(amqp_urls.clone(), "herald-ingress", config.broker.topology(), Vec::new()));
         let outcome_metrics = outcomes::Metrics::register(&mut registry);
-        let (writer, outcomes) = Writer::new(
-            amqp_urls.clone(),
-            "herald-ingress outcomes",
-            config.broker.topology(),
-            outcome_metrics.clone(),
-        );
+        let (writer, outcomes) =
+            Writer::new(amqp_urls.clone(), "herald-ingress", config.broker.topology(), outcome_metrics.clone());
         // One index for status and idempotency keys: as long as the longer.
         let window = config.job_status_window.max(config.idempotency_window);
         let jobs = Arc::new(Jobs::new(window, config.job_status_capacity as usize));
+        // What this replica accepted it indexed at once; the rest it reads.
         let reader =
-            Reader::new(amqp_urls, "herald-ingress outcomes reader", config.broker.topology(), window, outcome_metrics);
+            Reader::new(amqp_urls, "herald-ingress outcomes reader", config.broker.topology(), window, outcome_metrics)
+                .skipping(writer.id());
         let ready: Readiness = {
             let publisher = Arc::clone(&publisher);
             Arc::new(move || broker_readiness(&publisher))

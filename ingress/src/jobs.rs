@@ -7,37 +7,38 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use herald_shared::{Recipient, Sender, job::now_ms, outcomes::Record, recently::Recently};
+use herald_shared::{Sender, job::now_ms, outcomes::Record, recently::Recently};
 use serde::Serialize;
 use uuid::Uuid;
 
 #[derive(Debug)]
 pub struct Jobs(Recently<Uuid, Entry>);
 
-#[derive(Debug, Clone)]
+/// One job, kept small: there are tens of thousands.
+#[derive(Debug)]
 struct Entry {
     /// Missing while only the relay's record has arrived (the stream
     /// carries both services' records, in the order each wrote them).
-    accepted: Option<Accepted>,
+    accepted: Option<Box<Accepted>>,
     state: State,
     /// When `state` was recorded; a record older than it is stale.
     updated_ms: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Accepted {
-    owner: Sender,
-    to: Recipient,
+    owner: Box<str>,
+    to: Box<str>,
     at_ms: u64,
     idempotent: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 enum State {
     Queued,
-    Retrying { attempt: u32, next_at_ms: u64, reason: String },
+    Retrying { attempt: u32, next_at_ms: u64, reason: Box<str> },
     Delivered { attempts: u32 },
-    Parked { attempts: u32, reason: String },
+    Parked { attempts: u32, reason: Box<str> },
 }
 
 /// The answer to `GET /jobs/{id}`.
@@ -68,18 +69,21 @@ impl Jobs {
     pub fn apply(&self, record: Record) {
         let Some(id) = record.id() else { return };
         self.0.update(id, |old| {
-            let mut entry = old.cloned().unwrap_or(Entry { accepted: None, state: State::Queued, updated_ms: 0 });
+            let mut entry = old.unwrap_or(Entry { accepted: None, state: State::Queued, updated_ms: 0 });
             let (state, at_ms) = match record {
                 Record::Accepted { owner, to, at_ms, idempotent, .. } => {
-                    entry.accepted = Some(Accepted { owner, to, at_ms, idempotent });
+                    let (owner, to) = (owner.into_boxed_str(), to.into_boxed_str());
+                    entry.accepted = Some(Box::new(Accepted { owner, to, at_ms, idempotent }));
                     entry.updated_ms = entry.updated_ms.max(at_ms);
                     return entry;
                 }
                 Record::Delivered { at_ms, attempts, .. } => (State::Delivered { attempts }, at_ms),
                 Record::Retrying { at_ms, attempt, next_at_ms, reason, .. } => {
-                    (State::Retrying { attempt, next_at_ms, reason }, at_ms)
+                    (State::Retrying { attempt, next_at_ms, reason: reason.into() }, at_ms)
                 }
-                Record::Parked { at_ms, attempts, reason, .. } => (State::Parked { attempts, reason }, at_ms),
+                Record::Parked { at_ms, attempts, reason, .. } => {
+                    (State::Parked { attempts, reason: reason.into() }, at_ms)
+                }
                 Record::Unknown => return entry,
             };
             // Two relays' clocks, or a bounce after the delivery: the later
@@ -95,34 +99,40 @@ impl Jobs {
     /// The status of `owner`'s job `id`; `None` for an unknown job and for
     /// another user's (the same answer, so ids cannot be probed).
     pub fn status(&self, id: Uuid, owner: &Sender) -> Option<Status> {
-        let entry = self.0.get(&id)?;
-        let accepted = entry.accepted.filter(|a| &a.owner == owner)?;
-        let (status, attempts, reason, next) = match entry.state {
-            State::Queued => ("queued", 0, None, None),
-            State::Retrying { attempt, next_at_ms, reason } => ("retrying", attempt, Some(reason), Some(next_at_ms)),
-            State::Delivered { attempts } => ("delivered", attempts, None, None),
-            State::Parked { attempts, reason } => ("parked", attempts, Some(reason), None),
-        };
-        Some(Status {
-            id,
-            to: accepted.to.to_string(),
-            status,
-            accepted_at: rfc3339(accepted.at_ms),
-            updated_at: rfc3339(entry.updated_ms.max(accepted.at_ms)),
-            attempts,
-            reason,
-            next_attempt_at: next.map(rfc3339),
-        })
+        self.0.with(&id, |entry| {
+            let accepted = entry.accepted.as_ref().filter(|a| *a.owner == *owner.jid().as_str())?;
+            let (status, attempts, reason, next) = match &entry.state {
+                State::Queued => ("queued", 0, None, None),
+                State::Retrying { attempt, next_at_ms, reason } => {
+                    ("retrying", *attempt, Some(reason.to_string()), Some(*next_at_ms))
+                }
+                State::Delivered { attempts } => ("delivered", *attempts, None, None),
+                State::Parked { attempts, reason } => ("parked", *attempts, Some(reason.to_string()), None),
+            };
+            Some(Status {
+                id,
+                to: accepted.to.to_string(),
+                status,
+                accepted_at: rfc3339(accepted.at_ms),
+                updated_at: rfc3339(entry.updated_ms.max(accepted.at_ms)),
+                attempts,
+                reason,
+                next_attempt_at: next.map(rfc3339),
+            })
+        })?
     }
 
     /// Whether `owner` had job `id` accepted under an idempotency key within
     /// `window` (a repeat of that request must not queue it again).
     pub fn accepted_idempotent(&self, id: Uuid, owner: &Sender, window: Duration) -> bool {
         let since = now_ms().saturating_sub(window.as_millis() as u64);
+        let owner = owner.jid().as_str();
         self.0
-            .get(&id)
-            .and_then(|entry| entry.accepted)
-            .is_some_and(|a| a.idempotent && &a.owner == owner && a.at_ms >= since && !window.is_zero())
+            .with(&id, |entry| {
+                entry.accepted.as_ref().is_some_and(|a| a.idempotent && *a.owner == *owner && a.at_ms >= since)
+            })
+            .unwrap_or(false)
+            && !window.is_zero()
     }
 }
 
@@ -135,8 +145,8 @@ mod tests {
     use super::*;
 
     fn accepted(id: u128, owner: &Sender, idempotent: bool) -> Record {
-        let to = Recipient::parse("ops", owner.domain()).expect("jid");
-        Record::Accepted { id: Uuid::from_u128(id), owner: owner.clone(), to, at_ms: now_ms(), idempotent }
+        let (owner, to) = (owner.to_string(), format!("ops@{}", owner.domain()));
+        Record::Accepted { id: Uuid::from_u128(id), owner, to, at_ms: now_ms(), idempotent }
     }
 
     #[test]

@@ -269,8 +269,8 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
     // with jobs that were not queued.
     let at_ms = now_ms();
     for job in &jobs {
-        let record =
-            Record::Accepted { id: job.id(), owner: user.jid.clone(), to: job_to(job).clone(), at_ms, idempotent };
+        let (owner, to) = (user.jid.to_string(), job_to(job).to_string());
+        let record = Record::Accepted { id: job.id(), owner, to, at_ms, idempotent };
         state.jobs.apply(record.clone());
         state.outcomes.record(record);
     }

@@ -88,9 +88,10 @@ impl Application {
         };
         let topology = config.broker.topology();
         let (writer, writer_task) =
-            Writer::new(amqp_urls.clone(), "herald-relay outcomes", topology.clone(), outcome_metrics.clone());
+            Writer::new(amqp_urls.clone(), "herald-relay", topology.clone(), outcome_metrics.clone());
         let stop_writer = CancellationToken::new();
         let writer_task = tokio::spawn(writer_task.run(stop_writer.clone()));
+        let writer_id = writer.id().to_owned();
         let delivery = Arc::new(Delivery::start(accounts, settings, Arc::clone(&metrics), writer));
         // What other relays delivered, from the outcomes stream: as far back
         // as this relay's own memory of delivered ids reaches.
@@ -101,7 +102,11 @@ impl Application {
                 topology,
                 config.idempotency_window,
                 outcome_metrics,
-            );
+            )
+            // Other relays' outcomes only: this one's own are in its memory
+            // already, and the ingresses' acceptances are of no use here.
+            .skipping(&writer_id)
+            .only_from("herald-relay");
             let delivery = Arc::clone(&delivery);
             tokio::spawn(reader.run(stop_admin.clone(), move |record| delivery.learn(&record)))
         });

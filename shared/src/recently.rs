@@ -22,7 +22,7 @@ struct Inner<K, V> {
     order: VecDeque<(K, Instant)>,
 }
 
-impl<K: Eq + Hash + Clone, V: Clone> Recently<K, V> {
+impl<K: Eq + Hash + Clone, V> Recently<K, V> {
     /// Remembers each entry for `window` (zero: not at all), and at most
     /// `capacity` entries.
     pub fn new(window: Duration, capacity: usize) -> Self {
@@ -39,8 +39,16 @@ impl<K: Eq + Hash + Clone, V: Clone> Recently<K, V> {
         inner
     }
 
-    pub fn get(&self, key: &K) -> Option<V> {
-        self.lock().entries.get(key).map(|(_, value)| value.clone())
+    pub fn get(&self, key: &K) -> Option<V>
+    where
+        V: Clone,
+    {
+        self.with(key, V::clone)
+    }
+
+    /// What `f` makes of `key`'s value, if it is there, under the lock.
+    pub fn with<T>(&self, key: &K, f: impl FnOnce(&V) -> T) -> Option<T> {
+        self.lock().entries.get(key).map(|(_, value)| f(value))
     }
 
     /// Inserts or refreshes `key`.
@@ -61,9 +69,10 @@ impl<K: Eq + Hash + Clone, V: Clone> Recently<K, V> {
 
     /// Inserts or refreshes `key` with what `f` makes of its value, if any,
     /// under one lock.
-    pub fn update(&self, key: K, f: impl FnOnce(Option<&V>) -> V) {
+    pub fn update(&self, key: K, f: impl FnOnce(Option<V>) -> V) {
         let mut inner = self.lock();
-        let value = f(inner.entries.get(&key).map(|(_, value)| value));
+        // Its insertion left in `order` is stale now, and skipped.
+        let value = f(inner.entries.remove(&key).map(|(_, value)| value));
         inner.put(key, value, self.window, self.capacity);
     }
 
@@ -135,7 +144,7 @@ mod tests {
     #[test]
     fn updates_see_the_value_in_place() {
         let counts = Recently::new(Duration::from_secs(3600), 3);
-        counts.update("a", |old: Option<&u32>| old.map_or(1, |n| n + 1));
+        counts.update("a", |old: Option<u32>| old.map_or(1, |n| n + 1));
         counts.update("a", |old| old.map_or(1, |n| n + 1));
         assert_eq!(counts.get(&"a"), Some(2));
     }

@@ -15,8 +15,9 @@ use crate::amqp::{BrokerUrls, CONNECT_TIMEOUT};
 use crate::telemetry::Repeated;
 use crate::{Topology, job::now_ms};
 
-/// Stream messages (batches) handed over before an ack, at most.
-const PREFETCH: u16 = 64;
+/// Stream messages (batches of up to 1,024 records) handed over before an
+/// ack, at most.
+const PREFETCH: u16 = 16;
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
@@ -26,6 +27,10 @@ pub struct Reader {
     topology: Topology,
     lookback: Duration,
     metrics: Metrics,
+    /// Batches by this writer are skipped (this process's own).
+    skip_writer: Option<String>,
+    /// Only batches by writers whose id starts so are read.
+    only_from: Option<String>,
 }
 
 /// Where to start reading.
@@ -38,7 +43,25 @@ enum Start {
 impl Reader {
     /// A reader that starts with the records of the last `lookback`.
     pub fn new(urls: BrokerUrls, name: &str, topology: Topology, lookback: Duration, metrics: Metrics) -> Self {
-        Self { urls, name: name.to_owned(), topology, lookback, metrics }
+        Self { urls, name: name.to_owned(), topology, lookback, metrics, skip_writer: None, only_from: None }
+    }
+
+    /// Skips the batches this writer wrote: what a process recorded itself
+    /// it knows already.
+    #[must_use]
+    pub fn skipping(self, writer: &str) -> Self {
+        Self { skip_writer: Some(writer.to_owned()), ..self }
+    }
+
+    /// Reads only the batches of writers whose id starts with `service`.
+    #[must_use]
+    pub fn only_from(self, service: &str) -> Self {
+        Self { only_from: Some(format!("{service}/")), ..self }
+    }
+
+    fn wanted(&self, properties: &lapin::BasicProperties) -> bool {
+        let writer = properties.app_id().as_ref().map_or("", |id| id.as_str());
+        self.skip_writer.as_deref() != Some(writer) && self.only_from.as_deref().is_none_or(|p| writer.starts_with(p))
     }
 
     /// Reads until `stop`, calling `apply` with each record in stream order.
@@ -101,12 +124,14 @@ impl Reader {
                 if let Some(offset) = stream_offset(&delivery.properties) {
                     *start = Start::Offset(offset + 1);
                 }
-                match decode(&delivery.data) {
-                    Ok(records) => {
-                        self.metrics.read.inc_by(records.len() as u64);
-                        records.into_iter().for_each(&mut *apply);
+                if self.wanted(&delivery.properties) {
+                    match decode(&delivery.data) {
+                        Ok(records) => {
+                            self.metrics.read.inc_by(records.len() as u64);
+                            records.into_iter().for_each(&mut *apply);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "skipped a message in the outcomes stream that is not a batch of records"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "skipped a message in the outcomes stream that is not a batch of records"),
                 }
                 delivery.ack(BasicAckOptions::default()).await.map_err(|e| e.to_string())?;
             }

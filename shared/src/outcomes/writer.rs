@@ -29,16 +29,26 @@ const FINAL_FLUSH: Duration = Duration::from_secs(5);
 pub struct Writer {
     tx: mpsc::Sender<Record>,
     metrics: Metrics,
+    id: String,
 }
 
 impl Writer {
     /// A writer and the task that publishes what it is given (run it with
-    /// [`WriterTask::run`]).
-    pub fn new(urls: BrokerUrls, name: &str, topology: Topology, metrics: Metrics) -> (Self, WriterTask) {
+    /// [`WriterTask::run`]). `service` (`herald-ingress`, `herald-relay`)
+    /// starts the writer's id, which each batch carries as its AMQP
+    /// `app-id`, so that a reader can skip whole batches unread (its own,
+    /// or another service's).
+    pub fn new(urls: BrokerUrls, service: &str, topology: Topology, metrics: Metrics) -> (Self, WriterTask) {
         let (tx, rx) = mpsc::channel(BUFFER);
         let stream = topology.outcomes_stream();
-        let channel = ConfirmChannel::new(urls, name, topology, Vec::new());
-        (Self { tx, metrics: metrics.clone() }, WriterTask { rx, channel, stream, metrics })
+        let id = format!("{service}/{}", uuid::Uuid::new_v4().simple());
+        let channel = ConfirmChannel::new(urls, &format!("{service} outcomes"), topology, Vec::new());
+        (Self { tx, metrics: metrics.clone(), id: id.clone() }, WriterTask { rx, channel, stream, metrics, id })
+    }
+
+    /// This writer's id, as its batches carry it.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Queues a record for the stream; drops it (and counts it) if the
@@ -56,6 +66,7 @@ pub struct WriterTask {
     channel: ConfirmChannel,
     stream: String,
     metrics: Metrics,
+    id: String,
 }
 
 impl WriterTask {
@@ -98,8 +109,10 @@ impl WriterTask {
     async fn write(&self, batch: &[Record], tries: u32, failures: &Repeated, stop: &CancellationToken) {
         let payload = encode(batch);
         for attempt in 1..=tries {
-            let properties =
-                BasicProperties::default().with_content_type(CONTENT_TYPE.into()).with_timestamp(now_ms() / 1000);
+            let properties = BasicProperties::default()
+                .with_content_type(CONTENT_TYPE.into())
+                .with_app_id(self.id.as_str().into())
+                .with_timestamp(now_ms() / 1000);
             match self.channel.publish("", &self.stream, &payload, properties).await {
                 Ok(()) => {
                     self.metrics.written.inc_by(batch.len() as u64);
