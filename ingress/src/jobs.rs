@@ -5,21 +5,34 @@
 //! Bounded: a job is forgotten `window` after its last record, and the
 //! oldest go first beyond `capacity`.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::{Duration, UNIX_EPOCH},
+};
 
 use herald_shared::{Sender, job::now_ms, outcomes::Record, recently::Recently};
 use serde::Serialize;
 use uuid::Uuid;
 
 #[derive(Debug)]
-pub struct Jobs(Recently<Uuid, Entry>);
+pub struct Jobs {
+    entries: Recently<Uuid, Entry>,
+    /// One copy of each owner and recipient JID: a few users send to a few
+    /// recipients, tens of thousands of times.
+    names: Mutex<HashSet<Arc<str>>>,
+}
+
+/// Distinct JIDs kept for sharing, at most; past it the set starts over
+/// (entries keep their copies).
+const NAMES: usize = 16 * 1024;
 
 /// One job, kept small: there are tens of thousands.
 #[derive(Debug)]
 struct Entry {
     /// Missing while only the relay's record has arrived (the stream
     /// carries both services' records, in the order each wrote them).
-    accepted: Option<Box<Accepted>>,
+    accepted: Option<Accepted>,
     state: State,
     /// When `state` was recorded; a record older than it is stale.
     updated_ms: u64,
@@ -27,8 +40,8 @@ struct Entry {
 
 #[derive(Debug)]
 struct Accepted {
-    owner: Box<str>,
-    to: Box<str>,
+    owner: Arc<str>,
+    to: Arc<str>,
     at_ms: u64,
     idempotent: bool,
 }
@@ -62,18 +75,36 @@ pub struct Status {
 
 impl Jobs {
     pub fn new(window: Duration, capacity: usize) -> Self {
-        Self(Recently::new(window, capacity))
+        Self { entries: Recently::new(window, capacity), names: Mutex::default() }
+    }
+
+    fn shared(&self, name: &str) -> Arc<str> {
+        let mut names = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(name) = names.get(name) {
+            return Arc::clone(name);
+        }
+        if names.len() >= NAMES {
+            names.clear();
+        }
+        let name: Arc<str> = name.into();
+        names.insert(Arc::clone(&name));
+        name
     }
 
     /// Takes in one record from the stream (or this replica's own).
     pub fn apply(&self, record: Record) {
         let Some(id) = record.id() else { return };
-        self.0.update(id, |old| {
+        let names = match &record {
+            Record::Accepted { owner, to, .. } => Some((self.shared(owner), self.shared(to))),
+            _ => None,
+        };
+        self.entries.update(id, |old| {
             let mut entry = old.unwrap_or(Entry { accepted: None, state: State::Queued, updated_ms: 0 });
             let (state, at_ms) = match record {
-                Record::Accepted { owner, to, at_ms, idempotent, .. } => {
-                    let (owner, to) = (owner.into_boxed_str(), to.into_boxed_str());
-                    entry.accepted = Some(Box::new(Accepted { owner, to, at_ms, idempotent }));
+                Record::Accepted { at_ms, idempotent, .. } => {
+                    if let Some((owner, to)) = names {
+                        entry.accepted = Some(Accepted { owner, to, at_ms, idempotent });
+                    }
                     entry.updated_ms = entry.updated_ms.max(at_ms);
                     return entry;
                 }
@@ -99,7 +130,7 @@ impl Jobs {
     /// The status of `owner`'s job `id`; `None` for an unknown job and for
     /// another user's (the same answer, so ids cannot be probed).
     pub fn status(&self, id: Uuid, owner: &Sender) -> Option<Status> {
-        self.0.with(&id, |entry| {
+        self.entries.with(&id, |entry| {
             let accepted = entry.accepted.as_ref().filter(|a| *a.owner == *owner.jid().as_str())?;
             let (status, attempts, reason, next) = match &entry.state {
                 State::Queued => ("queued", 0, None, None),
@@ -127,7 +158,7 @@ impl Jobs {
     pub fn accepted_idempotent(&self, id: Uuid, owner: &Sender, window: Duration) -> bool {
         let since = now_ms().saturating_sub(window.as_millis() as u64);
         let owner = owner.jid().as_str();
-        self.0
+        self.entries
             .with(&id, |entry| {
                 entry.accepted.as_ref().is_some_and(|a| a.idempotent && *a.owner == *owner && a.at_ms >= since)
             })

@@ -1,7 +1,10 @@
-//! Appending records to the outcomes stream, in batches: whatever records
-//! arrived while the previous batch was being confirmed go out as the next
-//! one (group commit), so one record waits about one confirm at low load,
-//! and a storm costs the broker one message per batch, not one per job.
+//! Appending records to the outcomes stream, in batches: a record that
+//! comes after a quiet spell goes out at once, and under load the records
+//! of each [`LINGER`] go out together, so a storm costs the broker one
+//! stream message per writer every 20 ms, not one per job. (RabbitMQ 3.10
+//! spent as much CPU on a stream message of a dozen records as on a job:
+//! sending whatever had arrived while the previous batch was confirmed took
+//! a third of the ingress's rate.)
 
 use std::time::Duration;
 
@@ -18,6 +21,8 @@ use crate::{Topology, job::now_ms};
 pub const BUFFER: usize = 64 * 1024;
 /// Records in one stream message, at most.
 pub const MAX_BATCH: usize = 1024;
+/// The shortest time between two batches of one writer.
+pub const LINGER: Duration = Duration::from_millis(20);
 /// Tries of one batch (each on a fresh connection after a failure).
 const TRIES: u32 = 3;
 const PAUSE: Duration = Duration::from_secs(1);
@@ -41,7 +46,7 @@ impl Writer {
     pub fn new(urls: BrokerUrls, service: &str, topology: Topology, metrics: Metrics) -> (Self, WriterTask) {
         let (tx, rx) = mpsc::channel(BUFFER);
         let stream = topology.outcomes_stream();
-        let id = format!("{service}/{}", uuid::Uuid::new_v4().simple());
+        let id = format!("{service}/{}", uuid::Uuid::now_v7().simple());
         let channel = ConfirmChannel::new(urls, &format!("{service} outcomes"), topology, Vec::new());
         (Self { tx, metrics: metrics.clone(), id: id.clone() }, WriterTask { rx, channel, stream, metrics, id })
     }
@@ -74,6 +79,7 @@ impl WriterTask {
     pub async fn run(mut self, stop: CancellationToken) {
         let failures = Repeated::new(Duration::from_secs(10));
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut last = tokio::time::Instant::now() - LINGER;
         loop {
             let first = tokio::select! {
                 first = self.rx.recv() => first,
@@ -81,7 +87,20 @@ impl WriterTask {
             };
             let Some(first) = first else { break };
             batch.push(first);
-            self.fill(&mut batch);
+            // Gathers until LINGER after the previous batch (at once after
+            // a quiet spell), or until the batch is full.
+            let until = last + LINGER;
+            while batch.len() < MAX_BATCH {
+                let next = tokio::select! {
+                    next = tokio::time::timeout_at(until, self.rx.recv()) => next,
+                    () = stop.cancelled() => break,
+                };
+                match next {
+                    Ok(Some(record)) => batch.push(record),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            last = tokio::time::Instant::now();
             self.write(&batch, TRIES, &failures, &stop).await;
             batch.clear();
         }
