@@ -87,19 +87,16 @@ impl WriterTask {
             };
             let Some(first) = first else { break };
             batch.push(first);
-            // Gathers until LINGER after the previous batch (at once after
-            // a quiet spell), or until the batch is full.
-            let until = last + LINGER;
-            while batch.len() < MAX_BATCH {
-                let next = tokio::select! {
-                    next = tokio::time::timeout_at(until, self.rx.recv()) => next,
-                    () = stop.cancelled() => break,
-                };
-                match next {
-                    Ok(Some(record)) => batch.push(record),
-                    Ok(None) | Err(_) => break,
+            // Sleeps until LINGER after the previous batch (not at all after
+            // a quiet spell), then takes what gathered: one wake-up a batch,
+            // not one a record.
+            if last + LINGER > tokio::time::Instant::now() {
+                tokio::select! {
+                    () = tokio::time::sleep_until(last + LINGER) => {}
+                    () = stop.cancelled() => {}
                 }
             }
+            self.fill(&mut batch);
             last = tokio::time::Instant::now();
             self.write(&batch, TRIES, &failures, &stop).await;
             batch.clear();
