@@ -149,9 +149,8 @@ pub struct Config {
     #[arg(long, env = "HERALD_JOB_STATUS_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
     pub job_status_window: std::time::Duration,
 
-    /// How many jobs the status index holds at most (the oldest go first):
-    /// about 250 bytes each.
-    #[arg(long, env = "HERALD_JOB_STATUS_CAPACITY", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    /// How many jobs the status index holds at most (the oldest go first).
+    #[arg(long, env = "HERALD_JOB_STATUS_CAPACITY", default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub job_status_capacity: u64,
 
     /// A Jinja template (minijinja) for Alertmanager notifications, instead
