@@ -26,11 +26,7 @@ impl<K: Eq + Hash + Clone, V> Recently<K, V> {
     /// Remembers each entry for `window` (zero: not at all), and at most
     /// `capacity` entries.
     pub fn new(window: Duration, capacity: usize) -> Self {
-        // Sized once: growing a full table copies it, and the old and the
-        // new copy together set the process's peak memory. Pages a table
-        // never fills are never touched.
-        let inner = Inner { entries: HashMap::with_capacity(capacity), order: VecDeque::with_capacity(2 * capacity) };
-        Self { window, capacity, inner: Mutex::new(inner) }
+        Self { window, capacity, inner: Mutex::new(Inner { entries: HashMap::new(), order: VecDeque::new() }) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner<K, V>> {
