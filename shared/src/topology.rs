@@ -39,6 +39,10 @@ pub const OUTCOMES_MAX_BYTES: i64 = 1024 * 1024 * 1024;
 /// segments, so this is how finely it works.
 pub const OUTCOMES_SEGMENT_BYTES: i64 = 32 * 1024 * 1024;
 
+/// How long the outcomes stream's declaration may take before it is given
+/// up (until the next connection).
+const STREAM_DECLARE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// AMQP headers Herald sets.
 pub mod headers {
     /// How many delivery attempts a job has had (1 on the first retry).
@@ -108,22 +112,33 @@ impl Topology {
         channel.queue_declare(self.outcomes_stream().into(), durable, args).await.map(drop)
     }
 
-    /// The outcomes stream, on a channel of its own: a broker without
-    /// streams (before RabbitMQ 3.9, or with the `stream_queue` feature flag
-    /// off) closes that channel, not the one jobs go through. Jobs flow
-    /// either way; job status and shared idempotency wait for the stream.
+    /// The outcomes stream, on a channel of its own and in a task of its
+    /// own: never on the job path. A broker without streams (before
+    /// RabbitMQ 3.9, or with the `stream_queue` feature flag off) closes
+    /// that channel, not the one jobs go through, and a cluster whose
+    /// stream coordinator is electing a leader after a node died may hold
+    /// the declaration for a while, which must not hold a reconnecting
+    /// publisher. Jobs flow either way; job status and shared idempotency
+    /// wait for the stream.
     async fn declare_outcomes_apart(&self, connection: &Connection) {
-        let declared = async {
-            let channel = connection.create_channel().await?;
-            let declared = self.declare_outcomes(&channel).await;
+        let channel = match connection.create_channel().await {
+            Ok(channel) => channel,
+            Err(e) => return tracing::warn!(error = %e, "cannot open a channel to declare the outcomes stream"),
+        };
+        let topology = self.clone();
+        tokio::spawn(async move {
+            let failed = match tokio::time::timeout(STREAM_DECLARE_TIMEOUT, topology.declare_outcomes(&channel)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {STREAM_DECLARE_TIMEOUT:?}")),
+            };
+            if let Some(error) = failed {
+                tracing::warn!(stream = %topology.outcomes_stream(), %error, "cannot declare the outcomes stream; jobs flow, but job status and idempotency across replicas need it");
+            }
             if channel.status().connected() {
                 drop(channel.close(200, "declared".into()).await);
             }
-            declared
-        };
-        if let Err(e) = declared.await {
-            tracing::warn!(stream = %self.outcomes_stream(), error = %e, "cannot declare the outcomes stream; jobs flow, but job status and idempotency across replicas need it");
-        }
+        });
     }
 
     /// Declares everything (idempotent). The ingress passes no retry delays;
