@@ -70,7 +70,13 @@ impl Reader {
         let mut start = Start::Since(since);
         let failures = Repeated::new(Duration::from_secs(30));
         while !stop.is_cancelled() {
-            if let Err(e) = self.follow(&mut start, &stop, &mut apply).await
+            // A stop interrupts connecting too (each broker address may take
+            // seconds to time out), not only reading.
+            let followed = tokio::select! {
+                followed = self.follow(&mut start, &stop, &mut apply) => followed,
+                () = stop.cancelled() => Ok(()),
+            };
+            if let Err(e) = followed
                 && let Some(times) = failures.tick()
             {
                 tracing::warn!(error = %e, stream = %self.topology.outcomes_stream(), times, "cannot read the outcomes stream; retrying");

@@ -98,8 +98,12 @@ impl WriterTask {
             }
             self.fill(&mut batch);
             last = tokio::time::Instant::now();
-            self.write(&batch, TRIES, &failures, &stop).await;
-            batch.clear();
+            // A stop interrupts a write (a reconnect to a dead node can take
+            // many seconds): the batch goes again in the bounded final flush.
+            tokio::select! {
+                () = self.write(&batch, TRIES, &failures, &stop) => batch.clear(),
+                () = stop.cancelled() => break,
+            }
         }
         self.rx.close();
         let _ = tokio::time::timeout(FINAL_FLUSH, async {
@@ -111,7 +115,7 @@ impl WriterTask {
             }
         })
         .await;
-        self.channel.close().await;
+        let _ = tokio::time::timeout(FINAL_FLUSH, self.channel.close()).await;
     }
 
     fn fill(&mut self, batch: &mut Vec<Record>) {
