@@ -139,7 +139,7 @@ failed=0
 # The Dockerfiles are not linted here: deploy/docker/build-local.sh builds
 # them, and deploy/run-containers.sh runs what they build.
 if command -v shellcheck >/dev/null 2>&1; then
-    if shellcheck deploy/*.sh deploy/*/*.sh deploy/compose/*/*.sh; then
+    if shellcheck deploy/*.sh deploy/*/*.sh deploy/compose/*/*.sh tests/*.sh fuzz/*.sh; then
         say "  shellcheck: ok"
     else
         failed=1
