@@ -36,25 +36,13 @@ impl Cluster {
     pub async fn start(size: usize) -> Self {
         let dir = tempfile::Builder::new().prefix("herald-cluster-").tempdir().expect("tempdir");
         let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
-        let nodes: Vec<Node> = (1..=size)
-            .map(|n| {
-                let node_dir = dir.path().join(format!("n{n}"));
-                let node = Node {
-                    name: format!("herald-{id}-{n}@localhost"),
-                    port: free_port(),
-                    dist_port: free_port(),
-                    dir: node_dir,
-                };
-                node.prepare();
-                node
-            })
-            .collect();
+        let mut nodes: Vec<Node> = (1..=size).map(|n| Node::new(dir.path(), &format!("{id}-{n}"))).collect();
         chown_to_rabbitmq(dir.path());
         for node in &nodes {
             node.boot();
         }
-        for node in &nodes {
-            node.await_startup().await;
+        for node in &mut nodes {
+            node.first_startup(dir.path()).await;
         }
         for node in &nodes[1..] {
             for args in [vec!["stop_app"], vec!["join_cluster", nodes[0].name.as_str()], vec!["start_app"]] {
@@ -93,8 +81,11 @@ impl Cluster {
 
     /// Boots node `i` again, with its data: it rejoins the cluster.
     pub async fn restart(&self, i: usize) {
-        self.nodes[i].boot();
-        self.nodes[i].await_startup().await;
+        let node = &self.nodes[i];
+        node.boot();
+        if let Err(e) = node.await_startup(BOOT).await {
+            panic!("{} did not start again within {BOOT:?}: {e}\nits logs:\n{}", node.name, node.log_tail());
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -111,16 +102,65 @@ impl Drop for Cluster {
 }
 
 impl Node {
-    fn prepare(&self) {
+    /// A node named `herald-<suffix>@localhost` on free ports, its
+    /// directories under `parent`.
+    fn new(parent: &Path, suffix: &str) -> Self {
+        let node = Node {
+            name: format!("herald-{suffix}@localhost"),
+            port: free_port(),
+            dist_port: free_port(),
+            dir: parent.join(suffix),
+        };
         for sub in ["mnesia", "log"] {
-            std::fs::create_dir_all(self.dir.join(sub)).expect("node directory");
+            std::fs::create_dir_all(node.dir.join(sub)).expect("node directory");
         }
-        std::fs::write(self.dir.join("enabled_plugins"), "[].\n").expect("plugins file");
+        std::fs::write(node.dir.join("enabled_plugins"), "[].\n").expect("plugins file");
         let config = format!(
             "listeners.tcp.local = 127.0.0.1:{}\nloopback_users = none\ncluster_name = herald-tests\n",
-            self.port
+            node.port
         );
-        std::fs::write(self.dir.join("rabbitmq.conf"), config).expect("config file");
+        std::fs::write(node.dir.join("rabbitmq.conf"), config).expect("config file");
+        node
+    }
+
+    /// Waits for a node's first boot. A node that did not come up is
+    /// booted once more under a new name, on new ports, in a new
+    /// directory, so that it cannot meet the first attempt's VM if that one
+    /// was only slow. Seen twice in the full suite on two cores: epmd did
+    /// not know the node after 90 s, its VM gone. Why is not known (the
+    /// logs went with the directory; they are printed now); a free port
+    /// taken by another test's connection in between is one guess.
+    async fn first_startup(&mut self, parent: &Path) {
+        if let Err(first) = self.await_startup(BOOT).await {
+            let logs = self.log_tail();
+            let retry = Node::new(
+                parent,
+                &format!("{}-again", self.name.trim_start_matches("herald-").trim_end_matches("@localhost")),
+            );
+            eprintln!("{} did not start ({first}); its logs:\n{logs}\nbooting {} instead", self.name, retry.name);
+            drop(self.ctl(&["stop"]).await);
+            *self = retry;
+            chown_to_rabbitmq(&self.dir);
+            self.boot();
+            if let Err(again) = self.await_startup(BOOT).await {
+                panic!("{} did not start within {BOOT:?} either: {again}\nits logs:\n{}", self.name, self.log_tail());
+            }
+        }
+    }
+
+    /// The last lines of the node's log files, for a failure message.
+    fn log_tail(&self) -> String {
+        let mut tail = String::new();
+        for entry in std::fs::read_dir(self.dir.join("log")).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            tail.push_str(&format!("== {}\n", entry.path().display()));
+            for line in &lines[lines.len().saturating_sub(20)..] {
+                tail.push_str(line);
+                tail.push('\n');
+            }
+        }
+        if tail.is_empty() { "(no log files)".to_owned() } else { tail }
     }
 
     fn env(&self, command: &mut Command) {
@@ -149,18 +189,18 @@ impl Node {
     }
 
     /// `await_startup` fails at once while the node's VM is not up yet:
-    /// asked again until the deadline.
-    async fn await_startup(&self) {
+    /// asked again until `within` has passed.
+    async fn await_startup(&self, within: Duration) -> Result<(), String> {
         let mut last = String::new();
-        let end = tokio::time::Instant::now() + BOOT;
+        let end = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < end {
             match self.ctl(&["await_startup", "--timeout", "30"]).await {
-                Ok(_) => return,
+                Ok(_) => return Ok(()),
                 Err(e) => last = e,
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        panic!("{} did not start within {BOOT:?}: {last}\nlogs in {}", self.name, self.dir.display());
+        Err(last)
     }
 
     /// `rabbitmqctl -n <node> <args>`; its output, or its error output.
