@@ -114,11 +114,11 @@ impl Job {
     }
 
     /// Decodes and re-validates every field: a job that reached the queue
-    /// by any route other than the ingress gets the same checks.
-    /// Decodes a job, validating every field again. Version 1 is read in
-    /// one pass; anything else goes through the tagged enum, which buffers
-    /// the whole object before it reads the tag (a third of the relay's
-    /// work per job, measured) and gives the canonical error.
+    /// by any route other than the ingress gets the same checks. Version 1
+    /// is read in one pass; anything else goes through the tagged enum,
+    /// which buffers the whole object before it reads the tag, and gives
+    /// the canonical error (see docs/performance.md, "Instructions per
+    /// message").
     pub fn decode(bytes: &[u8]) -> Result<Self, JobDecodeError> {
         if let Ok(wire) = serde_json::from_slice::<WireV1>(bytes) {
             return Ok(Job::V1(wire.into()));
