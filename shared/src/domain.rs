@@ -238,12 +238,6 @@ impl TryFrom<String> for Body {
     }
 }
 
-impl From<Body> for String {
-    fn from(value: Body) -> Self {
-        value.text
-    }
-}
-
 /// Optional short text fields (`subject`, `thread`): XML-safe and bounded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
