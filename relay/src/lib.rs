@@ -8,6 +8,7 @@
 //! bounces) → `xmpp` (accounts, login, one session task per account,
 //! rooms, stanzas).
 
+pub mod allocator;
 pub mod app;
 pub mod broker;
 pub mod config;

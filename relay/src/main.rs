@@ -4,11 +4,23 @@ use herald_relay::{Application, broker::dead};
 use herald_shared::{admin, shutdown, telemetry};
 use std::process::ExitCode;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before the runtime's threads exist.
+    herald_relay::allocator::use_one_arena();
     let cli = Cli::parse();
     telemetry::init();
     telemetry::install_crypto_provider();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "herald-relay could not start its runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Some(Command::Healthcheck { admin_listen }) => return admin::run_healthcheck("herald-relay", admin_listen),
         Some(Command::Dead(DeadCommand::List { broker, limit })) => {
