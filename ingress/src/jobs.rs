@@ -17,14 +17,7 @@ use uuid::Uuid;
 
 #[derive(Debug)]
 pub struct Jobs {
-    /// Boxed, so that a slot of the table is 40 bytes, not 120: evictions
-    /// leave tombstones, so a full index's table ends up with more than
-    /// twice as many slots as jobs (131,072 for the default 50,000), and
-    /// doubling it holds the old table and the new at once. In heaptrack
-    /// (herald-bench with `--backlog 50000`) the table and the entries
-    /// together peaked at 12.5 MiB boxed, against 23.8 MiB for the table
-    /// alone unboxed.
-    entries: Recently<Uuid, Box<Entry>>,
+    entries: Recently<Uuid, Entry>,
     /// One copy of each owner and recipient JID: a few users send to a few
     /// recipients, tens of thousands of times.
     names: Mutex<HashSet<Arc<str>>>,
@@ -106,8 +99,7 @@ impl Jobs {
             _ => None,
         };
         self.entries.update(id, |old| {
-            let mut entry =
-                old.unwrap_or_else(|| Box::new(Entry { accepted: None, state: State::Queued, updated_ms: 0 }));
+            let mut entry = old.unwrap_or(Entry { accepted: None, state: State::Queued, updated_ms: 0 });
             let (state, at_ms) = match record {
                 Record::Accepted { at_ms, idempotent, .. } => {
                     if let Some((owner, to)) = names {
