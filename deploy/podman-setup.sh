@@ -41,10 +41,26 @@ EOF
 fi
 
 socket=/run/podman/podman.sock
+# A service left running by an earlier run whose directory is gone (a
+# deleted clone) answers _ping but cannot start containers: its conmon
+# children inherit the deleted working directory, and every start fails
+# with "write child: broken pipe". Stop it; a new one starts below.
+for pid in $(pgrep -f "podman system service.*$socket" || true); do
+    if [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" != / ]; then
+        echo "== stopping podman system service $pid (started from $(readlink "/proc/$pid/cwd" 2>/dev/null))"
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        rm -f "$socket"
+    fi
+done
 if ! curl -sf --unix-socket "$socket" http://d/_ping >/dev/null 2>&1; then
     echo "== podman system service on $socket (the Docker API, for testcontainers)"
     mkdir -p /run/podman
-    nohup podman system service --time=0 "unix://$socket" >/var/log/podman-service.log 2>&1 &
+    # From /, so that it outlives the directory this script runs from.
+    env -C / nohup podman system service --time=0 "unix://$socket" >/var/log/podman-service.log 2>&1 &
     for _ in $(seq 1 50); do
         curl -sf --unix-socket "$socket" http://d/_ping >/dev/null 2>&1 && break
         sleep 0.2
