@@ -41,13 +41,16 @@ EOF
 fi
 
 socket=/run/podman/podman.sock
-# A service left running by an earlier run whose directory is gone (a
-# deleted clone) answers _ping but cannot start containers: its conmon
-# children inherit the deleted working directory, and every start fails
-# with "write child: broken pipe". Stop it; a new one starts below.
+# A service left running by an earlier run from a clone that was deleted
+# since answers _ping but cannot start containers: its conmon children
+# inherit the deleted working directory, and every start fails with "write
+# child: broken pipe". This script starts it from /; one started from
+# anywhere else (by an older version of it, say) is stopped, and a new one
+# starts below.
 for pid in $(pgrep -f "podman system service.*$socket" || true); do
-    if [ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" != / ]; then
-        echo "== stopping podman system service $pid (started from $(readlink "/proc/$pid/cwd" 2>/dev/null))"
+    dir=$(readlink "/proc/$pid/cwd" 2>/dev/null || true)
+    if [ "$dir" != / ]; then
+        echo "== stopping podman system service $pid (started from $dir)"
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 1 50); do
             kill -0 "$pid" 2>/dev/null || break
