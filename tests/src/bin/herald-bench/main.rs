@@ -229,16 +229,8 @@ async fn main() {
         None
     };
     let backlog = if options.backlog > 0 {
-        let result = storm::backlog(
-            &mut herald,
-            &target,
-            &mut arrivals,
-            options.backlog,
-            options.concurrency,
-            &options.relay_env,
-            options.idle_timeout,
-        )
-        .await;
+        let result = storm::backlog(&prosody, &mut herald, &target, &mut arrivals, &options).await;
+        cpu.push(result.cpu.clone());
         Some(result)
     } else {
         None

@@ -320,6 +320,11 @@ fn backlog_rows(r: &Results, b: &Backlog) -> Vec<Row> {
         target: format!("≥ {}, none lost, 0 redelivered", percent(MIN_DRAIN_RATIO)),
         verdict: verdict(ratio >= MIN_DRAIN_RATIO && lost == 0 && b.redelivered.unwrap_or(0.0) == 0.0),
     });
+    rows.push(Row::info(
+        "  in that drain: herald-relay CPU time per delivered job (all of its CPU: it was started for the drain)"
+            .into(),
+        format!("{:.0} µs", b.relay_cpu * 1e6),
+    ));
     rows.push(rss_row("peak RSS (VmHWM) herald-relay, draining the backlog", b.relay_peak_rss_kib));
     rows
 }

@@ -84,6 +84,11 @@ pub struct Backlog {
     pub relay_peak_rss_kib: Option<u64>,
     /// The broker after the drain.
     pub broker_after: BrokerMemory,
+    /// CPU use from the relay's readiness to the last receipt.
+    pub cpu: crate::report::CpuUse,
+    /// The relay's CPU (it was started for the drain) per delivered job,
+    /// seconds.
+    pub relay_cpu: f64,
 }
 
 impl Backlog {
@@ -92,17 +97,17 @@ impl Backlog {
     }
 }
 
-/// Stops the relay, posts `jobs` jobs in segments (a tenth, up to half, up to
+/// Stops the relay, posts `--backlog` jobs in segments (a tenth, up to half, up to
 /// all), starts the relay and waits for every accepted job at the receiver.
 pub async fn backlog(
+    prosody: &Prosody,
     herald: &mut Herald,
     target: &Arc<Target>,
     arrivals: &mut Arrivals,
-    jobs: usize,
-    concurrency: usize,
-    relay_env: &[(String, String)],
-    idle: Duration,
+    options: &Options,
 ) -> Backlog {
+    let (jobs, concurrency, relay_env, idle) =
+        (options.backlog, options.concurrency, &options.relay_env, options.idle_timeout);
     herald.stop_relay().await;
     arrivals.clear();
     let marks = [jobs / 10, jobs / 2, jobs];
@@ -126,8 +131,12 @@ pub async fn backlog(
     crate::progress(&format!("backlog: starting the relay to drain {} jobs", ids.len()));
     let started = Instant::now();
     herald.start_relay(&target.http, relay_env).await;
+    let meter = crate::machine::CpuMeter::start(crate::watched(prosody, Some(herald)));
     let matched = arrivals.wait_for(&ids, idle).await;
     let last = matched.last().unwrap_or(started);
+    let cpu = ("5. backlog drain", meter.stop());
+    let relay_cpu =
+        herald.relay_pid().map_or(0.0, |pid| crate::machine::cpu_seconds(&[pid])) / matched.arrived.len().max(1) as f64;
     let metrics = herald.relay_metrics(&target.http).await;
     Backlog {
         segments,
@@ -138,6 +147,8 @@ pub async fn backlog(
         redelivered: metrics.as_deref().and_then(|m| herald_tests::admin::sample(m, "herald_redelivered_total")),
         relay_peak_rss_kib: herald.relay_pid().and_then(crate::machine::peak_rss_kib),
         broker_after: BrokerMemory::read(),
+        cpu,
+        relay_cpu,
     }
 }
 
