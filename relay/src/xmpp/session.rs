@@ -17,6 +17,10 @@
 //! as transient and reports the session stalled; a job that gets no
 //! acknowledgement within the ack timeout does too. Either makes `/readyz`
 //! say so, as does a task that stopped turning.
+//!
+//! With stream management, stanzas that come while the last one handed to
+//! the stream waits for its ack are held back (at most [`HOLD`]) and go out
+//! together behind one ack request (see `Session::held_until`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -61,6 +65,11 @@ const OUTBOX_LIMIT: usize = 1024;
 pub const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the task offers a waiting outbox to the stream again.
 const OUTBOX_RETRY: Duration = Duration::from_millis(20);
+/// While the stanza last handed to the stream waits for the server's ack,
+/// new stanzas are held back for this long at most (see `held_until`).
+const HOLD: Duration = Duration::from_millis(2);
+/// Held stanzas go out at once when this many are waiting.
+const HOLD_BATCH: usize = 64;
 /// How often the task proves it is turning.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A task whose last turn is older than this is reported as not responding.
@@ -320,6 +329,7 @@ pub fn spawn(
         stream_management: false,
         pings: HashMap::new(),
         outbox: VecDeque::new(),
+        last_sent: None,
         idle: settings.idle,
     };
     tasks.spawn(session.run(jobs_rx, shutdown));
@@ -366,6 +376,8 @@ struct Session {
     pings: HashMap<String, oneshot::Sender<()>>,
     rooms: Rooms,
     outbox: VecDeque<Queued>,
+    /// The token of the last stanza handed to the stream.
+    last_sent: Option<StanzaToken>,
     /// For a fresh stream (see `on_lost`).
     login_tx: watch::Sender<LoginState>,
     /// Connections lost since the last one that got a session going.
@@ -383,6 +395,8 @@ impl Session {
             self.health.turned();
             self.flush_outbox();
             let waiting = !self.outbox.is_empty();
+            let held_until = self.held_until().map(tokio::time::Instant::from);
+            let mut last_sent = self.last_sent.clone().filter(|_| held_until.is_some());
             let idle_until = self.idle.map(|idle| tokio::time::Instant::from(last_job + idle));
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -411,6 +425,8 @@ impl Session {
                 Ok(()) = self.login.changed() => self.on_login(),
                 _ = heartbeat.tick() => {}
                 () = tokio::time::sleep(OUTBOX_RETRY), if waiting => {}
+                () = sleep_until(held_until), if held_until.is_some() => {}
+                () = acked(&mut last_sent), if last_sent.is_some() => self.last_sent = None,
             }
         }
         self.set_online(false);
@@ -424,6 +440,9 @@ impl Session {
     /// waiting. A head that waited past `ENQUEUE_TIMEOUT` fails the whole
     /// outbox: its jobs are retried later, on this stream or another.
     fn flush_outbox(&mut self) {
+        if self.held_until().is_some() {
+            return;
+        }
         while let Some(head) = self.outbox.front() {
             let Some(token) = self.stream.send(Box::new(head.stanza.stanza())).now_or_never() else {
                 if head.since.elapsed() >= ENQUEUE_TIMEOUT {
@@ -432,11 +451,29 @@ impl Session {
                 return;
             };
             mark(&self.health.outbox_stuck, None);
+            self.last_sent = Some(token.clone());
             if let Some(Queued { stanza: Out::Job(_, reply), .. }) = self.outbox.pop_front() {
                 let ping = (!self.stream_management).then(|| self.queue_ping());
                 let _ = reply.send(Ok(InFlight { token, ping }));
             }
         }
+    }
+
+    /// Until when the outbox is held back, if it is: while the stanza last
+    /// handed to the stream waits for the server's ack (with stream
+    /// management only), for at most `HOLD` after the oldest waiting stanza
+    /// came, and while fewer than `HOLD_BATCH` wait.
+    ///
+    /// tokio-xmpp asks for an ack after every batch it writes, and the
+    /// server answers each request. Handing stanzas on as they come sends a
+    /// few at a time, each few with its request; holding them while the last
+    /// batch is unacknowledged (Nagle's algorithm, for stanzas) sends them
+    /// together once its ack is in. An idle session sends at once.
+    fn held_until(&self) -> Option<Instant> {
+        let oldest = self.outbox.front()?;
+        let until = oldest.since + HOLD;
+        let unacked = self.last_sent.as_ref().is_some_and(|t| matches!(t.state(), StanzaState::Sent { .. }));
+        (self.stream_management && unacked && self.outbox.len() < HOLD_BATCH && Instant::now() < until).then_some(until)
     }
 
     fn fail_outbox(&mut self) {
@@ -646,6 +683,14 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Resolves once the stanza is past `Sent`: acked, failed, or dropped with
+/// its stream.
+async fn acked(token: &mut Option<StanzaToken>) {
+    if let Some(token) = token {
+        token.wait_for(StanzaStage::Acked).await;
     }
 }
 
