@@ -20,7 +20,7 @@
 //!
 //! With stream management, stanzas that come while the last one handed to
 //! the stream waits for its ack are held back (at most [`HOLD`]) and go out
-//! together behind one ack request (see `Session::held_until`).
+//! together behind one ack request (see `hold_deadline`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -66,7 +66,7 @@ pub const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the task offers a waiting outbox to the stream again.
 const OUTBOX_RETRY: Duration = Duration::from_millis(20);
 /// While the stanza last handed to the stream waits for the server's ack,
-/// new stanzas are held back for this long at most (see `held_until`).
+/// new stanzas are held back for this long at most (see `hold_deadline`).
 const HOLD: Duration = Duration::from_millis(2);
 /// Held stanzas go out at once when this many are waiting.
 const HOLD_BATCH: usize = 64;
@@ -393,10 +393,9 @@ impl Session {
         let mut last_job = Instant::now();
         loop {
             self.health.turned();
-            self.flush_outbox();
+            let held_until = self.flush_outbox().map(tokio::time::Instant::from);
             let waiting = !self.outbox.is_empty();
-            let held_until = self.held_until().map(tokio::time::Instant::from);
-            let mut last_sent = self.last_sent.clone().filter(|_| held_until.is_some());
+            let mut last_sent = held_until.and_then(|_| self.last_sent.clone());
             let idle_until = self.idle.map(|idle| tokio::time::Instant::from(last_job + idle));
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -439,16 +438,20 @@ impl Session {
     /// Hands the outbox to the stream as far as it takes stanzas without
     /// waiting. A head that waited past `ENQUEUE_TIMEOUT` fails the whole
     /// outbox: its jobs are retried later, on this stream or another.
-    fn flush_outbox(&mut self) {
-        if self.held_until().is_some() {
-            return;
+    /// Returns until when the outbox is held back instead, if it is (see
+    /// `hold_deadline`).
+    fn flush_outbox(&mut self) -> Option<Instant> {
+        let oldest = self.outbox.front()?.since;
+        let unacked = self.last_sent.as_ref().is_some_and(|t| matches!(t.state(), StanzaState::Sent { .. }));
+        if let Some(until) = hold_deadline(self.stream_management, unacked, self.outbox.len(), oldest, Instant::now()) {
+            return Some(until);
         }
         while let Some(head) = self.outbox.front() {
             let Some(token) = self.stream.send(Box::new(head.stanza.stanza())).now_or_never() else {
                 if head.since.elapsed() >= ENQUEUE_TIMEOUT {
                     self.fail_outbox();
                 }
-                return;
+                return None;
             };
             mark(&self.health.outbox_stuck, None);
             self.last_sent = Some(token.clone());
@@ -457,23 +460,7 @@ impl Session {
                 let _ = reply.send(Ok(InFlight { token, ping }));
             }
         }
-    }
-
-    /// Until when the outbox is held back, if it is: while the stanza last
-    /// handed to the stream waits for the server's ack (with stream
-    /// management only), for at most `HOLD` after the oldest waiting stanza
-    /// came, and while fewer than `HOLD_BATCH` wait.
-    ///
-    /// tokio-xmpp asks for an ack after every batch it writes, and the
-    /// server answers each request. Handing stanzas on as they come sends a
-    /// few at a time, each few with its request; holding them while the last
-    /// batch is unacknowledged (Nagle's algorithm, for stanzas) sends them
-    /// together once its ack is in. An idle session sends at once.
-    fn held_until(&self) -> Option<Instant> {
-        let oldest = self.outbox.front()?;
-        let until = oldest.since + HOLD;
-        let unacked = self.last_sent.as_ref().is_some_and(|t| matches!(t.state(), StanzaState::Sent { .. }));
-        (self.stream_management && unacked && self.outbox.len() < HOLD_BATCH && Instant::now() < until).then_some(until)
+        None
     }
 
     fn fail_outbox(&mut self) {
@@ -537,6 +524,7 @@ impl Session {
                 // Pings sent on the old stream will never be answered, and
                 // what waited in the outbox was for the old stream.
                 self.pings.clear();
+                self.last_sent = None;
                 tracing::info!(account = %self.account.jid, %bound_jid, stream_management = self.stream_management, "XMPP session online");
                 self.set_online(true);
                 // A new stream is a new session: no room knows us any more.
@@ -686,6 +674,27 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Until when a session's outbox is held back, if it is: while the stanza
+/// last handed to the stream waits for the server's ack (`unacked`, with
+/// stream management only), for at most `HOLD` after the oldest of the
+/// `waiting` stanzas came (`oldest`), and while fewer than `HOLD_BATCH` wait.
+///
+/// tokio-xmpp asks for an ack after every batch it writes, and the server
+/// answers each request. Handing stanzas on as they come sends a few at a
+/// time, each few with its request; holding them while the last batch is
+/// unacknowledged (Nagle's algorithm, for stanzas) sends them together once
+/// its ack is in. An idle session sends at once.
+fn hold_deadline(
+    stream_management: bool,
+    unacked: bool,
+    waiting: usize,
+    oldest: Instant,
+    now: Instant,
+) -> Option<Instant> {
+    let until = oldest + HOLD;
+    (stream_management && unacked && waiting < HOLD_BATCH && now < until).then_some(until)
+}
+
 /// Resolves once the stanza is past `Sent`: acked, failed, or dropped with
 /// its stream.
 async fn acked(token: &mut Option<StanzaToken>) {
@@ -715,5 +724,26 @@ async fn confirmed(InFlight { mut token, ping }: InFlight) -> Result<(), Deliver
             .await
             .map_err(|_| DeliveryError::Transient("XMPP stream was reset before the ping was answered".into())),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stanzas_wait_only_behind_an_unacked_write_with_stream_management_and_briefly() {
+        let oldest = Instant::now();
+        let soon = oldest + HOLD / 2;
+        assert_eq!(hold_deadline(true, true, 1, oldest, soon), Some(oldest + HOLD));
+        assert_eq!(hold_deadline(true, true, HOLD_BATCH - 1, oldest, oldest), Some(oldest + HOLD));
+        // Nothing unacknowledged (an idle session, or the last write acked):
+        // at once.
+        assert_eq!(hold_deadline(true, false, 1, oldest, soon), None);
+        // Without stream management there is no ack to wait for.
+        assert_eq!(hold_deadline(false, true, 1, oldest, soon), None);
+        // Never longer than HOLD, nor for a full batch.
+        assert_eq!(hold_deadline(true, true, 1, oldest, oldest + HOLD), None);
+        assert_eq!(hold_deadline(true, true, HOLD_BATCH, oldest, soon), None);
     }
 }
