@@ -2,10 +2,11 @@
 //!
 //! glibc's malloc gives each new thread an arena of its own, up to eight
 //! per core, and memory freed into one arena is reused by that arena only.
-//! In the relay, lapin's I/O threads allocate each delivery, the tokio
-//! workers free it, and a thousand sessions' buffers sit in whichever arena
-//! their task first ran on: the arenas fragment, and the process holds far
-//! more than it uses. With 1,000 sender accounts and 30,000 messages
+//! In the relay, lapin's I/O threads allocate each delivery and the
+//! runtime's thread frees it (when this was measured, a thousand sessions'
+//! buffers also sat in whichever tokio worker's arena their task first ran
+//! on; the relay now runs on one thread): the arenas fragment, and the
+//! process holds far more than it uses. With 1,000 sender accounts and 30,000 messages
 //! through them, the relay peaked at 92 MiB with the default arenas and at
 //! 72 MiB with one; heaptrack put its largest heap at 73 MiB (see
 //! docs/performance.md, *One malloc arena in the relay*). The relay's few threads allocate
