@@ -6,11 +6,12 @@
 //! runtime's thread frees it (when this was measured, a thousand sessions'
 //! buffers also sat in whichever tokio worker's arena their task first ran
 //! on; the relay now runs on one thread): the arenas fragment, and the
-//! process holds far more than it uses. With 1,000 sender accounts and 30,000 messages
-//! through them, the relay peaked at 92 MiB with the default arenas and at
-//! 72 MiB with one; heaptrack put its largest heap at 73 MiB (see
-//! docs/performance.md, *One malloc arena in the relay*). The relay's few threads allocate
-//! little, and one arena's lock showed no cost in the bench.
+//! process holds far more than it uses. With 1,000 sender accounts and
+//! 30,000 messages through them, the relay peaked at 92 MiB with the
+//! default arenas and at 72 MiB with one; heaptrack put its largest heap at
+//! 73 MiB (see docs/performance.md, *One malloc arena in the relay*). The
+//! relay's few threads allocate little, and one arena's lock showed no cost
+//! in the bench.
 //!
 //! An operator's own `MALLOC_ARENA_MAX` (or `GLIBC_TUNABLES`) wins.
 
