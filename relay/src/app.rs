@@ -103,10 +103,13 @@ impl Application {
                 config.idempotency_window,
                 outcome_metrics,
             )
-            // Other relays' outcomes only: this one's own are in its memory
-            // already, and the ingresses' acceptances are of no use here.
+            // Other relays' outcomes only, and only batches with a record a
+            // relay learns from: this one's own are in its memory already,
+            // the ingresses' acceptances and ordinary deliveries are of no
+            // use here.
             .skipping(&writer_id)
-            .only_from("herald-relay");
+            .only_from("herald-relay")
+            .for_a_relay();
             let delivery = Arc::clone(&delivery);
             tokio::spawn(reader.run(stop_admin.clone(), move |record| delivery.learn(&record)))
         });

@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use herald_tests::{Receiver, Stack, StackOptions, admin, poll, stack::user_entry};
+use herald_tests::stack::{Replica, user_entry};
+use herald_tests::{Receiver, Stack, StackOptions, admin, poll};
 use serde_json::Value;
 
 use crate::ARRIVAL;
@@ -30,6 +31,15 @@ async fn wait_status(stack: &Stack, base: &str, id: &str, wanted: &str) -> Value
         (body["status"] == wanted).then_some(body)
     })
     .await
+}
+
+/// Waits until `relay` has written at least `records` outcome records.
+async fn wait_written(stack: &Stack, relay: &Replica, records: f64) {
+    poll::until("the relay to write its records", ARRIVAL, || async {
+        let metrics = admin::metrics(&stack.http, &relay.admin_url).await;
+        (admin::sample(&metrics, "herald_outcomes_written_total")? >= records).then_some(())
+    })
+    .await;
 }
 
 async fn first_id(response: reqwest::Response) -> String {
@@ -147,17 +157,29 @@ async fn two_relays_deliver_an_idempotent_job_queued_twice_once() {
     let job = |text: &str| stack.job(&oncall.jid, text);
     let idempotent = stack.idempotent_job(&oncall.jid, "k", "once");
 
-    // Relay a delivers the first copy.
+    // Relay a delivers three plain jobs, and once their records are out,
+    // the first copy of the idempotent one: the records are in different
+    // batches.
     let a = stack.relay_replica("a").await;
+    for text in ["one", "two", "three"] {
+        stack.broker.publish_job(&job(text), false).await;
+        assert_eq!(rx.next(ARRIVAL).await.expect("a plain job").body, text);
+    }
+    wait_written(&stack, &a, 3.0).await;
     stack.broker.publish_job(&idempotent, true).await;
     assert_eq!(rx.next(ARRIVAL).await.expect("the first copy").body, "once");
-    // Relay b starts, reads what a delivered, and a goes away.
+    wait_written(&stack, &a, 4.0).await;
+    // Relay b starts, reads what a delivered, and a goes away. It reads the
+    // idempotent delivery only: the batches of plain deliveries, which a
+    // relay has nothing to learn from, it skips unread.
     let b = stack.relay_replica("b").await;
     poll::until("relay b to read relay a's delivery", ARRIVAL, || async {
         let metrics = admin::metrics(&stack.http, &b.admin_url).await;
         (admin::sample(&metrics, "herald_outcomes_read_total")? >= 1.0).then_some(())
     })
     .await;
+    let metrics = admin::metrics(&stack.http, &b.admin_url).await;
+    assert_eq!(admin::sample(&metrics, "herald_outcomes_read_total"), Some(1.0), "{metrics}");
     a.stop().await;
 
     // The second copy (another ingress replica took the same request) goes

@@ -27,6 +27,14 @@ use uuid::Uuid;
 /// The AMQP `content-type` of a batch of records (a JSON array).
 pub const CONTENT_TYPE: &str = "application/vnd.herald.outcomes+json";
 
+/// The AMQP header (a boolean) on each batch that says whether any of its
+/// records is one a relay learns from ([`Record::relays_need`]). A relay
+/// skips a batch marked `false` unread: after a storm of ordinary
+/// deliveries, a starting relay would otherwise decode every one of them,
+/// to find none it needs. A batch without the header (an older writer) is
+/// read.
+pub const RELAYS_NEED_HEADER: &str = "herald-relays-need";
+
 /// Longest reason kept in a record: a bounce or an error text, not a log.
 pub const MAX_REASON_BYTES: usize = 512;
 
@@ -60,6 +68,18 @@ impl Record {
             | Record::Retrying { id, .. }
             | Record::Parked { id, .. } => Some(*id),
             Record::Unknown => None,
+        }
+    }
+
+    /// Whether a relay learns from this record: an idempotent job delivered
+    /// (not to be sent again), a job retried or parked (one it may have
+    /// remembered as delivered, which must be sent when it comes back), or
+    /// a kind this release does not know.
+    pub fn relays_need(&self) -> bool {
+        match self {
+            Record::Delivered { idempotent, .. } => *idempotent,
+            Record::Retrying { .. } | Record::Parked { .. } | Record::Unknown => true,
+            Record::Accepted { .. } => false,
         }
     }
 }
@@ -140,6 +160,19 @@ mod tests {
         assert_eq!(decoded[0], Record::Unknown);
         assert_eq!(decoded[1].id(), Some(Uuid::from_u128(2)));
         assert!(decode(b"not json").is_err());
+    }
+
+    #[test]
+    fn relays_need_idempotent_deliveries_and_bounces_only() {
+        let id = Uuid::from_u128(1);
+        let delivered = |idempotent| Record::Delivered { id, at_ms: 1, attempts: 1, idempotent };
+        assert!(delivered(true).relays_need());
+        assert!(!delivered(false).relays_need());
+        let accepted = Record::Accepted { id, owner: "a@b".into(), to: "c@d".into(), at_ms: 1, idempotent: true };
+        assert!(!accepted.relays_need());
+        assert!(Record::Retrying { id, at_ms: 1, attempt: 1, next_at_ms: 2, reason: String::new() }.relays_need());
+        assert!(Record::Parked { id, at_ms: 1, attempts: 1, reason: String::new() }.relays_need());
+        assert!(Record::Unknown.relays_need());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio_util::sync::CancellationToken;
 
-use super::{Metrics, Record, decode};
+use super::{Metrics, RELAYS_NEED_HEADER, Record, decode};
 use crate::amqp::{BrokerUrls, CONNECT_TIMEOUT};
 use crate::telemetry::Repeated;
 use crate::{Topology, job::now_ms};
@@ -31,6 +31,9 @@ pub struct Reader {
     skip_writer: Option<String>,
     /// Only batches by writers whose id starts so are read.
     only_from: Option<String>,
+    /// Batches whose writer marked them as holding nothing a relay needs
+    /// are skipped.
+    for_a_relay: bool,
 }
 
 /// Where to start reading.
@@ -43,7 +46,16 @@ enum Start {
 impl Reader {
     /// A reader that starts with the records of the last `lookback`.
     pub fn new(urls: BrokerUrls, name: &str, topology: Topology, lookback: Duration, metrics: Metrics) -> Self {
-        Self { urls, name: name.to_owned(), topology, lookback, metrics, skip_writer: None, only_from: None }
+        Self {
+            urls,
+            name: name.to_owned(),
+            topology,
+            lookback,
+            metrics,
+            skip_writer: None,
+            only_from: None,
+            for_a_relay: false,
+        }
     }
 
     /// Skips the batches this writer wrote: what a process recorded itself
@@ -59,9 +71,18 @@ impl Reader {
         Self { only_from: Some(format!("{service}/")), ..self }
     }
 
+    /// Reads only the batches that hold a record a relay learns from (see
+    /// [`RELAYS_NEED_HEADER`]).
+    #[must_use]
+    pub fn for_a_relay(self) -> Self {
+        Self { for_a_relay: true, ..self }
+    }
+
     fn wanted(&self, properties: &lapin::BasicProperties) -> bool {
         let writer = properties.app_id().as_ref().map_or("", |id| id.as_str());
-        self.skip_writer.as_deref() != Some(writer) && self.only_from.as_deref().is_none_or(|p| writer.starts_with(p))
+        self.skip_writer.as_deref() != Some(writer)
+            && self.only_from.as_deref().is_none_or(|p| writer.starts_with(p))
+            && (!self.for_a_relay || relays_need(properties))
     }
 
     /// Reads until `stop`, calling `apply` with each record in stream order.
@@ -146,6 +167,13 @@ impl Reader {
         drop(tokio::time::timeout(CONNECT_TIMEOUT, connection.close(200, "done".into())).await);
         result
     }
+}
+
+/// Whether a batch's writer marked it as holding a record a relay needs;
+/// `true` when it did not say (a writer older than the mark).
+fn relays_need(properties: &lapin::BasicProperties) -> bool {
+    let header = properties.headers().as_ref().and_then(|h| h.inner().get(&ShortString::from(RELAYS_NEED_HEADER)));
+    !matches!(header, Some(AMQPValue::Boolean(false)))
 }
 
 /// The `x-stream-offset` header RabbitMQ puts on each message it delivers

@@ -9,10 +9,11 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{CONTENT_TYPE, Metrics, Record, encode};
+use super::{CONTENT_TYPE, Metrics, RELAYS_NEED_HEADER, Record, encode};
 use crate::amqp::{BrokerUrls, ConfirmChannel};
 use crate::telemetry::Repeated;
 use crate::{Topology, job::now_ms};
@@ -128,10 +129,14 @@ impl WriterTask {
 
     async fn write(&self, batch: &[Record], tries: u32, failures: &Repeated, stop: &CancellationToken) {
         let payload = encode(batch);
+        let mut headers = FieldTable::default();
+        let relays_need = batch.iter().any(Record::relays_need);
+        headers.insert(ShortString::from(RELAYS_NEED_HEADER), AMQPValue::Boolean(relays_need));
         for attempt in 1..=tries {
             let properties = BasicProperties::default()
                 .with_content_type(CONTENT_TYPE.into())
                 .with_app_id(self.id.as_str().into())
+                .with_headers(headers.clone())
                 .with_timestamp(now_ms() / 1000);
             match self.channel.publish("", &self.stream, &payload, properties).await {
                 Ok(()) => {
