@@ -32,6 +32,7 @@ fn the_benchmark_runs_and_loses_nothing() {
     assert!(row("XMPP ceiling").contains("300/300 received"), "{stdout}");
     assert!(row("senders: herald-relay with 4 sender accounts").contains("4 sessions online"), "{stdout}");
     assert!(row("senders: whole path").contains("300/300 delivered, 0 lost"), "{stdout}");
+    assert!(row("senders: XMPP ceiling for 3 senders").contains("300/300 received"), "{stdout}");
     for service in ["herald-ingress", "herald-relay"] {
         assert!(row(&format!("peak RSS (VmHWM) {service}")).contains(" MiB"), "{stdout}");
     }

@@ -236,8 +236,9 @@ async fn main() {
         None
     };
     let senders = if options.senders > 0 {
-        let result = storm::senders(&prosody, &mut herald, &target, &mut arrivals, &options).await;
+        let result = storm::senders(&route, &mut herald, &target, &mut arrivals, &options).await;
         cpu.push(result.cpu.clone());
+        cpu.push(result.direct_cpu.clone());
         Some(result)
     } else {
         None

@@ -230,17 +230,36 @@ fn senders_rows(r: &Results, s: &Senders) -> Vec<Row> {
                 s.accepted, s.senders
             ),
             result: format!(
-                "**{:.0} msg/s** ({}/{} delivered, {lost} lost, {} duplicates; herald-ingress + herald-relay CPU {:.0} µs per message)",
+                "**{:.0} msg/s** ({}/{} delivered, {lost} lost, {} duplicates; herald-ingress + herald-relay CPU {:.0} µs per message; {} of the {}-sender ceiling below)",
                 s.rate(),
                 s.delivered,
                 s.accepted,
                 s.duplicates,
-                s.herald_cpu * 1e6
+                s.herald_cpu * 1e6,
+                percent(s.rate() / s.direct.rate().max(1e-9)),
+                s.senders
             ),
             ceiling: format!("{:.0} msg/s", xmpp_ceiling(r)),
             ratio: percent(ratio),
             target: format!("≥ {}, none lost", percent(MIN_E2E_RATIO)),
             verdict: verdict(ratio >= MIN_E2E_RATIO && lost == 0),
+        },
+        Row {
+            what: format!(
+                "senders: XMPP ceiling for {} senders: {} direct clients (the relay's connector and stanzas, XEP-0198), {} messages from them in turn, first send to last receipt",
+                s.senders, s.senders, s.direct.sent
+            ),
+            result: format!(
+                "{:.0} msg/s ({}/{} received, {} duplicates)",
+                s.direct.rate(),
+                s.direct.received,
+                s.direct.sent,
+                s.direct.duplicates
+            ),
+            ceiling: format!("{:.0} msg/s", xmpp_ceiling(r)),
+            ratio: percent(s.direct.rate() / xmpp_ceiling(r).max(1e-9)),
+            target: String::new(),
+            verdict: String::new(),
         },
         Row {
             what: format!(

@@ -16,6 +16,7 @@ use crate::herald::Herald;
 use crate::http_load::{self, Limit, Target};
 use crate::options::Options;
 use crate::stats::Percentiles;
+use crate::xmpp_ceiling::{self, Direct, Route};
 use herald_tests::{Prosody, XmppAccount};
 use std::collections::HashSet;
 use std::process::Command;
@@ -311,6 +312,11 @@ pub struct Senders {
     /// Herald's CPU (ingress + relay) per delivered message in the measured
     /// run, seconds.
     pub herald_cpu: f64,
+    /// The same messages sent straight to the XMPP server by a direct client
+    /// per sender, in turn (its ceiling for many senders), and the CPU use
+    /// meanwhile.
+    pub direct: Direct,
+    pub direct_cpu: crate::report::CpuUse,
 }
 
 impl Senders {
@@ -322,14 +328,17 @@ impl Senders {
 /// Registers `--senders` accounts, restarts the ingress and the relay with a
 /// user and a sender account for each, times the relay's start, sends each
 /// sender's first message, then `--e2e-messages` messages from all of them in
-/// turn. Leaves the services running with the senders configured.
+/// turn, and the same number from a direct client per sender (the XMPP
+/// server's own ceiling for many senders). Leaves the services running with
+/// the senders configured.
 pub async fn senders(
-    prosody: &Prosody,
+    route: &Route<'_>,
     herald: &mut Herald,
     target: &Target,
     arrivals: &mut Arrivals,
     options: &Options,
 ) -> Senders {
+    let prosody = route.prosody;
     let (senders, messages, concurrency, idle) =
         (options.senders, options.e2e_messages, options.concurrency, options.idle_timeout);
     crate::progress(&format!("senders: registering {senders} XMPP accounts"));
@@ -381,14 +390,21 @@ pub async fn senders(
     let herald_cpu = services.per_message(matched.arrived.len());
     let cpu = ("4. senders, whole path", meter.stop());
     let begin = load.first_sent.expect("the load ran");
+    let sessions_after = sessions(herald.relay_metrics(&target.http).await);
+    let relay_peak_rss_kib = herald.relay_pid().and_then(crate::machine::peak_rss_kib);
+
+    crate::progress(&format!("senders: XMPP ceiling, {messages} messages from {senders} direct clients in turn"));
+    let meter = crate::machine::CpuMeter::start(crate::watched(prosody, Some(herald)));
+    let direct = xmpp_ceiling::many_senders(route, &accounts, arrivals, messages).await;
+    let direct_cpu = ("1b. XMPP ceiling, senders in turn", meter.stop());
     Senders {
         senders,
         registered_in,
         relay_ready_in,
         sessions_at_ready,
-        sessions_after: sessions(herald.relay_metrics(&target.http).await),
+        sessions_after,
         relay_rss_at_ready_kib,
-        relay_peak_rss_kib: herald.relay_pid().and_then(crate::machine::peak_rss_kib),
+        relay_peak_rss_kib,
         first_message,
         accepted: load.accepted.len(),
         delivered: matched.arrived.len(),
@@ -396,5 +412,7 @@ pub async fn senders(
         elapsed: matched.last().map_or(Duration::ZERO, |last| last.saturating_duration_since(begin)),
         cpu,
         herald_cpu,
+        direct,
+        direct_cpu,
     }
 }

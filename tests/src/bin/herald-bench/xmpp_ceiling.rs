@@ -25,6 +25,8 @@ use tokio_xmpp::xmlstream::{PendingFeaturesRecv, StreamHeader, Timeouts, initiat
 const QUEUE_DEPTH: usize = 1024;
 const ONLINE_TIMEOUT: Duration = Duration::from_secs(20);
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
+/// Direct clients logging in at once in the many-senders ceiling.
+const LOGINS_AT_ONCE: usize = 32;
 
 /// How the direct client's TCP socket is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +73,7 @@ pub struct DirectPaced {
 }
 
 /// Who sends to whom, and how.
+#[derive(Clone, Copy)]
 pub struct Route<'a> {
     pub prosody: &'a Prosody,
     pub sender: &'a XmppAccount,
@@ -127,20 +130,49 @@ pub async fn paced(
     DirectPaced { socket, sent: count, received: matched.arrived.len(), latency: Percentiles::of(latencies) }
 }
 
+/// As fast as possible from many senders in turn: a direct client logged
+/// in for each of `senders` (at most [`LOGINS_AT_ONCE`] logins at a time,
+/// not timed), then message `i` sent by client `i % senders.len()`, each
+/// client asking for its own acks as the relay's sessions do. The ceiling
+/// that Herald's many-senders phase has on this XMPP server: every message
+/// comes on another connection, with an ack request and answer of its own.
+pub async fn many_senders(route: &Route<'_>, senders: &[XmppAccount], arrivals: &mut Arrivals, n: usize) -> Direct {
+    let mut streams: Vec<StanzaStream> = futures::stream::iter(senders)
+        .map(|sender| async move { connect(&Route { sender, ..*route }, Socket::AsRelay).await })
+        .buffered(LOGINS_AT_ONCE)
+        .collect()
+        .await;
+    let (messages, ids): (Vec<Message>, Vec<String>) =
+        (0..n).map(|i| message(&Route { sender: &senders[i % senders.len()], ..*route }, "many", i)).unzip();
+    arrivals.clear();
+    let started = Instant::now();
+    let mut tokens: Vec<Vec<StanzaToken>> = streams.iter().map(|_| Vec::new()).collect();
+    for (i, message) in messages.into_iter().enumerate() {
+        let client = i % streams.len();
+        tokens[client].push(streams[client].send(Box::new(message.into())).await);
+    }
+    futures::future::join_all(streams.iter_mut().zip(tokens).map(|(stream, tokens)| acks(stream, tokens))).await;
+    let matched = arrivals.wait_for(&ids.into_iter().collect(), route.idle).await;
+    futures::future::join_all(streams.into_iter().map(close)).await;
+    Direct {
+        sent: n,
+        received: matched.arrived.len(),
+        duplicates: matched.duplicates,
+        elapsed: matched.last().unwrap_or(started).duration_since(started),
+    }
+}
+
 /// `n` messages as the relay builds them, and their stanza ids.
 fn messages(route: &Route<'_>, n: usize, tag: &str) -> (Vec<Message>, Vec<String>) {
-    let messages: Vec<Message> = (0..n)
-        .map(|i| {
-            let job = crate::jobs::job(
-                &route.sender.jid,
-                route.to,
-                crate::jobs::body(&format!("{tag} {i}"), route.body_bytes),
-            );
-            herald_relay::xmpp::stanza::message(&job)
-        })
-        .collect();
-    let ids = messages.iter().filter_map(|m| m.id.as_ref().map(|id| id.0.clone())).collect();
-    (messages, ids)
+    (0..n).map(|i| message(route, tag, i)).unzip()
+}
+
+/// Message `i` as the relay builds it, and its stanza id.
+fn message(route: &Route<'_>, tag: &str, i: usize) -> (Message, String) {
+    let job = crate::jobs::job(&route.sender.jid, route.to, crate::jobs::body(&format!("{tag} {i}"), route.body_bytes));
+    let message = herald_relay::xmpp::stanza::message(&job);
+    let id = message.id.as_ref().map(|id| id.0.clone()).unwrap_or_default();
+    (message, id)
 }
 
 /// Logs in and waits for the bound stream.
