@@ -30,6 +30,8 @@ fn the_benchmark_runs_and_loses_nothing() {
     );
     assert!(row("end to end latency").contains("200/200 delivered, 0 lost"), "{stdout}");
     assert!(row("XMPP ceiling").contains("300/300 received"), "{stdout}");
+    let floor = row("herald-ingress: CPU time per accepted request");
+    assert!(floor.contains("+ publish") && !floor.contains("(at 0 req/s)"), "the HTTP floor answered:\n{stdout}");
     assert!(row("senders: herald-relay with 4 sender accounts").contains("4 sessions online"), "{stdout}");
     assert!(row("senders: whole path").contains("300/300 delivered, 0 lost"), "{stdout}");
     assert!(row("senders: XMPP ceiling for 3 senders").contains("300/300 received"), "{stdout}");

@@ -9,6 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
+/// The name of the one receiver's thread.
+pub const RECEIVER_THREAD: &str = "bench-receiver";
+
 /// How often the receiver thread checks whether it is still wanted.
 const POLL: Duration = Duration::from_millis(200);
 
@@ -39,7 +42,7 @@ impl Arrivals {
         let (tx, messages) = mpsc::unbounded_channel();
         let (online_tx, online) = oneshot::channel();
         let thread = std::thread::Builder::new()
-            .name("bench-receiver".into())
+            .name(RECEIVER_THREAD.into())
             .spawn(move || receive(prosody, account, online_tx, tx))
             .expect("spawn the receiver thread");
         online.await.expect("the receiver logs in");

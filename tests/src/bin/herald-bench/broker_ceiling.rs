@@ -2,10 +2,15 @@
 //! real job to a quorum queue with Herald's topology, as the ingress makes
 //! them, many in flight per confirm channel, on a throwaway prefix.
 
+use futures::StreamExt;
 use herald_shared::Topology;
 use herald_shared::job::CONTENT_TYPE;
 use herald_shared::topology::WORK_ROUTING_KEY;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,7 +24,21 @@ pub struct Publishing {
     pub confirmed: usize,
     pub failed: usize,
     pub elapsed: Duration,
+    /// The bench's own CPU time per confirmed publish meanwhile, seconds:
+    /// what publishing costs a client at least.
+    pub cpu_per_publish: f64,
+    /// The bench's CPU time per job consumed and acked afterwards (at most
+    /// [`CONSUMED`] of them), as the relay consumes, seconds.
+    pub cpu_per_consume: f64,
 }
+
+/// Jobs consumed after a ceiling measurement, for the consumer's CPU floor.
+const CONSUMED: usize = 20_000;
+/// The relay's default `HERALD_PREFETCH`.
+const PREFETCH: u16 = 1024;
+/// Deliveries acked at once, with `multiple`: about what one XEP-0198 ack
+/// covers when the relay drains a backlog.
+const ACK_EVERY: usize = 64;
 
 impl Publishing {
     pub fn rate(&self) -> f64 {
@@ -41,6 +60,7 @@ pub async fn measure(url: &str, payload: &[u8], channels: usize, in_flight: usiz
     let confirmed = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let payload: Arc<[u8]> = payload.into();
+    let cpu_before = crate::machine::cpu_seconds(&[std::process::id()]);
     let started = Instant::now();
     let end = started + duration;
     let mut publishers = Vec::with_capacity(channels * in_flight);
@@ -60,15 +80,47 @@ pub async fn measure(url: &str, payload: &[u8], channels: usize, in_flight: usiz
         publisher.await.expect("publisher task");
     }
     let elapsed = started.elapsed();
+    let cpu = crate::machine::cpu_seconds(&[std::process::id()]) - cpu_before;
+    let cpu_per_consume = consume(&connection, &topology, confirmed.load(Ordering::Relaxed).min(CONSUMED)).await;
     delete(&setup, &topology).await;
     drop(connection.close(200, "done".into()).await);
+    let confirmed = confirmed.load(Ordering::Relaxed);
     Publishing {
         channels,
         in_flight_per_channel: in_flight,
-        confirmed: confirmed.load(Ordering::Relaxed),
+        confirmed,
         failed: failed.load(Ordering::Relaxed),
         elapsed,
+        cpu_per_publish: cpu / confirmed.max(1) as f64,
+        cpu_per_consume,
     }
+}
+
+/// Consumes `n` of the jobs just published as the relay does (its default
+/// prefetch, acks with `multiple` every [`ACK_EVERY`] deliveries), and
+/// returns the bench's CPU time per consumed job, seconds.
+async fn consume(connection: &Connection, topology: &Topology, n: usize) -> f64 {
+    let channel = connection.create_channel().await.expect("open a channel");
+    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await.expect("set the prefetch");
+    let cpu_before = crate::machine::cpu_seconds(&[std::process::id()]);
+    let mut consumer = channel
+        .basic_consume(
+            topology.work_queue().as_str().into(),
+            "herald-bench consume floor".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume the throwaway work queue");
+    for i in 1..=n {
+        let delivery = consumer.next().await.expect("a delivery").expect("a delivery, not an error");
+        if i % ACK_EVERY == 0 || i == n {
+            delivery.ack(BasicAckOptions { multiple: true }).await.expect("ack");
+        }
+    }
+    let cpu = crate::machine::cpu_seconds(&[std::process::id()]) - cpu_before;
+    drop(channel.close(200, "done".into()).await);
+    cpu / n.max(1) as f64
 }
 
 async fn confirm_channel(connection: &Connection) -> Channel {

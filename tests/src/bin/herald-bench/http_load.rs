@@ -170,6 +170,14 @@ impl Connection {
 /// back until `limit`; message `i` is posted as the target's user `i` modulo
 /// their number.
 pub async fn closed_loop(target: Arc<Target>, connections: usize, limit: Limit) -> Outcome {
+    closed_loop_paced(target, connections, limit, None).await
+}
+
+/// The closed loop, but message `i` not sent before `i / rate` seconds from
+/// the start: the same connections and requests at (at most) another
+/// load's rate.
+pub async fn closed_loop_paced(target: Arc<Target>, connections: usize, limit: Limit, rate: Option<f64>) -> Outcome {
+    let period = rate.map(|rate| Duration::from_secs_f64(1.0 / rate.max(1.0)));
     use base64::Engine;
     let next = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new(Outcome::default()));
@@ -199,6 +207,9 @@ pub async fn closed_loop(target: Arc<Target>, connections: usize, limit: Limit) 
             );
             tokio::spawn(async move {
                 while let Some(i) = take(&next, limit, started) {
+                    if let Some(period) = period {
+                        tokio::time::sleep_until((started + period.mul_f64(i as f64)).into()).await;
+                    }
                     let sent = Instant::now();
                     let authorization = &authorizations[i % authorizations.len()];
                     let id = connection.post(&target, &path, authorization, &format!("closed {i}")).await;

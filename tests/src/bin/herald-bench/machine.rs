@@ -46,9 +46,27 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|pid| cpu_ticks(*pid)).sum::<u64>() as f64 / clock_ticks_per_second()
 }
 
+/// User plus system CPU time so far of this process's threads named `name`,
+/// in seconds.
+pub fn own_threads_cpu_seconds(name: &str) -> f64 {
+    let ticks: u64 = std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name))
+        .filter_map(|task| stat_ticks(&task.path().join("stat")))
+        .sum();
+    ticks as f64 / clock_ticks_per_second()
+}
+
 /// User plus system CPU time of a process, all threads, in clock ticks.
 fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_ticks(std::path::Path::new(&format!("/proc/{pid}/stat")))
+}
+
+/// User plus system CPU time in a `stat` file of `/proc`, in clock ticks.
+fn stat_ticks(path: &std::path::Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name may contain spaces: fields are counted after its ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();

@@ -25,6 +25,7 @@
 mod arrivals;
 mod attack;
 mod broker_ceiling;
+mod floor;
 mod herald;
 mod http_load;
 mod jobs;
@@ -68,6 +69,9 @@ struct Accounts {
 
 #[tokio::main]
 async fn main() {
+    if std::env::var_os(floor::SERVE_ENV).is_some() {
+        return floor::serve().await;
+    }
     let options = Options::parse();
     let started = Instant::now();
     let machine = machine::Machine::probe();
@@ -109,7 +113,7 @@ async fn main() {
 
     // 1a and 2, alternating: the broker's ceiling, then the ingress alone
     // (the relay is not running yet, so jobs pile up in the work queue).
-    let (mut broker_matched, mut ingress) = (Vec::new(), Vec::new());
+    let (mut broker_matched, mut ingress, mut ingress_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=options.rounds {
         let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
         progress(&format!("1a. broker ceiling, round {round}: 1 channel × {} in flight", options.concurrency));
@@ -121,13 +125,23 @@ async fn main() {
             "2. ingress alone, round {round}: {} connections for {:?}",
             options.concurrency, options.ingress_time
         ));
-        ingress.push(
-            http_load::closed_loop(Arc::clone(&target), options.concurrency, Limit::For(options.ingress_time)).await,
-        );
+        let services = herald.cpu_meter();
+        let load =
+            http_load::closed_loop(Arc::clone(&target), options.concurrency, Limit::For(options.ingress_time)).await;
+        ingress_cpu.push(services.per_message(load.accepted.len()));
+        ingress.push(load);
         cpu.push(("2. ingress alone", meter.stop()));
         let purged = herald.purge_work_queue(&broker).await;
         progress(&format!("2. purged {purged} jobs from the work queue"));
     }
+    let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
+    let ingress_rate = stats::median(ingress.iter().map(Outcome::rate));
+    progress(&format!(
+        "2c. HTTP floor: a bare hyper server, {} connections for {:?} at {ingress_rate:.0} req/s",
+        options.concurrency, options.ingress_time
+    ));
+    let http_floor = floor::http(&target, &options, ingress_rate).await;
+    cpu.push(("2c. HTTP floor", meter.stop()));
     let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
     progress(&format!(
         "1a. broker headroom: {} channels × {} in flight",
@@ -260,6 +274,8 @@ async fn main() {
         xmpp,
         xmpp_floor,
         ingress,
+        ingress_cpu,
+        http_floor,
         attacked,
         e2e,
         herald_cpu,

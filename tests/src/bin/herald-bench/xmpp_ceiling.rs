@@ -54,6 +54,11 @@ pub struct Direct {
     pub duplicates: usize,
     /// From the first send to the last message at the receiver.
     pub elapsed: Duration,
+    /// The direct client's CPU time per stanza, from its first send to the
+    /// server's last ack (the bench's, but its receiver thread's), seconds:
+    /// what sending with XEP-0198 costs a client at least. The stanzas were
+    /// built before.
+    pub cpu_per_send: f64,
 }
 
 impl Direct {
@@ -86,12 +91,14 @@ pub async fn flat_out(route: &Route<'_>, arrivals: &mut Arrivals, n: usize) -> D
     let mut stream = connect(route, Socket::AsRelay).await;
     let (messages, ids) = messages(route, n, "direct");
     arrivals.clear();
+    let sender_cpu = SenderCpu::start();
     let started = Instant::now();
     let mut tokens = Vec::with_capacity(n);
     for message in messages {
         tokens.push(stream.send(Box::new(message.into())).await);
     }
     acks(&mut stream, tokens).await;
+    let cpu_per_send = sender_cpu.per_message(n);
     let matched = arrivals.wait_for(&ids.into_iter().collect(), route.idle).await;
     close(stream).await;
     Direct {
@@ -99,6 +106,26 @@ pub async fn flat_out(route: &Route<'_>, arrivals: &mut Arrivals, n: usize) -> D
         received: matched.arrived.len(),
         duplicates: matched.duplicates,
         elapsed: matched.last().unwrap_or(started).duration_since(started),
+        cpu_per_send,
+    }
+}
+
+/// The bench's CPU time but its receiver's: the direct client's.
+struct SenderCpu(f64);
+
+impl SenderCpu {
+    fn start() -> Self {
+        Self(Self::now())
+    }
+
+    fn now() -> f64 {
+        crate::machine::cpu_seconds(&[std::process::id()])
+            - crate::machine::own_threads_cpu_seconds(crate::arrivals::RECEIVER_THREAD)
+    }
+
+    /// Seconds per message since the start.
+    fn per_message(&self, n: usize) -> f64 {
+        (Self::now() - self.0) / n.max(1) as f64
     }
 }
 
@@ -151,7 +178,9 @@ pub async fn many_senders(route: &Route<'_>, senders: &[XmppAccount], arrivals: 
         let client = i % streams.len();
         tokens[client].push(streams[client].send(Box::new(message.into())).await);
     }
+    let sender_cpu = SenderCpu::start();
     futures::future::join_all(streams.iter_mut().zip(tokens).map(|(stream, tokens)| acks(stream, tokens))).await;
+    let cpu_per_send = sender_cpu.per_message(n);
     let matched = arrivals.wait_for(&ids.into_iter().collect(), route.idle).await;
     futures::future::join_all(streams.into_iter().map(close)).await;
     Direct {
@@ -159,6 +188,7 @@ pub async fn many_senders(route: &Route<'_>, senders: &[XmppAccount], arrivals: 
         received: matched.arrived.len(),
         duplicates: matched.duplicates,
         elapsed: matched.last().unwrap_or(started).duration_since(started),
+        cpu_per_send,
     }
 }
 
