@@ -1,12 +1,15 @@
 use clap::Parser;
+use herald_relay::allocator;
 use herald_relay::config::{Cli, Command, DeadCommand};
 use herald_relay::{Application, broker::dead};
 use herald_shared::{admin, shutdown, telemetry};
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOCATOR: allocator::Allocator = allocator::Allocator {};
+
 fn main() -> ExitCode {
-    // Before the runtime's threads exist.
-    herald_relay::allocator::use_one_arena();
+    allocator::no_huge_pages();
     let cli = Cli::parse();
     telemetry::init();
     telemetry::install_crypto_provider();

@@ -50,6 +50,14 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmHWM")
 }
 
+/// Whether the kernel may back a process's memory with transparent huge
+/// pages (`THP_enabled`, Linux 5.0 and later).
+pub fn thp_enabled(pid: u32) -> Option<bool> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let value = status.lines().find_map(|line| line.strip_prefix("THP_enabled:"))?;
+    Some(value.trim() != "0")
+}
+
 /// A `kB` field of `/proc/<pid>/status`.
 fn status_kib(pid: u32, name: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
