@@ -731,8 +731,16 @@ fn summary(p: Option<Percentiles>) -> String {
     p.map_or_else(|| "no samples".into(), |p| p.summary())
 }
 
+/// Whole percents, rounded down: the targets are "at least N %", and a
+/// ratio of 59.9 % shown as "60 %" beside a MISS reads as a contradiction.
 fn percent(ratio: f64) -> String {
-    format!("{:.0} %", ratio * 100.0)
+    format!("{} %", whole_percent(ratio))
+}
+
+fn whole_percent(ratio: f64) -> i64 {
+    // The small margin keeps a ratio that is 0.58 in decimal but
+    // 0.57999… in binary at 58.
+    (ratio * 100.0 + 1e-9).floor() as i64
 }
 
 fn verdict(pass: bool) -> String {
@@ -741,4 +749,17 @@ fn verdict(pass: bool) -> String {
 
 fn mib(kib: Option<u64>) -> String {
     kib.map_or_else(|| "unknown".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_percent;
+
+    #[test]
+    fn percents_round_down_so_a_miss_never_shows_the_target() {
+        assert_eq!(whole_percent(0.5999), 59);
+        assert_eq!(whole_percent(0.58), 58);
+        assert_eq!(whole_percent(0.6), 60);
+        assert_eq!(whole_percent(1.8449), 184);
+    }
 }
