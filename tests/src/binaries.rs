@@ -53,16 +53,19 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
 /// Whether the kernel may back a process's memory with transparent huge
 /// pages (`THP_enabled`, Linux 5.0 and later).
 pub fn thp_enabled(pid: u32) -> Option<bool> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let value = status.lines().find_map(|line| line.strip_prefix("THP_enabled:"))?;
-    Some(value.trim() != "0")
+    Some(status_field(pid, "THP_enabled")? != "0")
 }
 
 /// A `kB` field of `/proc/<pid>/status`.
 fn status_kib(pid: u32, name: &str) -> Option<u64> {
+    status_field(pid, name)?.split_whitespace().next()?.parse().ok()
+}
+
+/// The value of a field of `/proc/<pid>/status`, trimmed.
+fn status_field(pid: u32, name: &str) -> Option<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let value = status.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))?;
-    value.split_whitespace().next()?.parse().ok()
+    Some(value.trim().to_owned())
 }
 
 pub fn path(name: &str) -> PathBuf {
