@@ -11,6 +11,7 @@ pub mod blocker;
 pub mod broker;
 pub mod cluster;
 pub mod containers;
+pub mod ejabberd;
 pub mod fixture;
 pub mod load;
 pub mod poll;

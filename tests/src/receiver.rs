@@ -41,6 +41,11 @@ impl Receiver {
     /// machine one in a few hundred logins stalled before it was online,
     /// and the tests are about Herald, not about the receiver's login.
     pub async fn connect(prosody: &Prosody, account: &XmppAccount) -> Self {
+        Self::connect_to(prosody.port, account).await
+    }
+
+    /// As `connect`, to the server on `port` of 127.0.0.1 (without TLS).
+    pub async fn connect_to(port: u16, account: &XmppAccount) -> Self {
         const ATTEMPT: Duration = Duration::from_secs(10);
         const ATTEMPTS: u32 = 3;
         herald_shared::telemetry::install_crypto_provider();
@@ -52,7 +57,7 @@ impl Receiver {
             let (online_tx, online_rx) = tokio::sync::oneshot::channel();
             let (stage_tx, stage) = tokio::sync::watch::channel("connecting");
             let channels = Channels { messages: tx, others: others_tx, outgoing: outgoing_rx, stopped };
-            tokio::spawn(run(prosody.port, account.clone(), online_tx, stage_tx, channels));
+            tokio::spawn(run(port, account.clone(), online_tx, stage_tx, channels));
             match tokio::time::timeout(ATTEMPT, online_rx).await {
                 Ok(Ok(())) => return Self { account: account.clone(), messages, others, outgoing, stop: Some(stop) },
                 Ok(Err(_)) => eprintln!(

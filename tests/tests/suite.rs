@@ -19,6 +19,7 @@ mod binaries;
 mod cluster;
 mod containers;
 mod e2e;
+mod ejabberd;
 mod failures;
 mod front_door;
 mod hostile;

@@ -9,6 +9,7 @@
 
 use super::accounts::{Account, Tls};
 use super::connect;
+use sasl::common::ChannelBinding;
 use std::borrow::Cow;
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
@@ -17,6 +18,8 @@ use tokio_xmpp::error::{AuthError, Error as XmppError};
 use tokio_xmpp::parsers::jid::Jid;
 use tokio_xmpp::parsers::ns;
 use tokio_xmpp::parsers::sasl::DefinedCondition;
+use tokio_xmpp::parsers::sasl_cb;
+use tokio_xmpp::parsers::stream_features::StreamFeatures;
 use tokio_xmpp::stanzastream::Connection;
 use tokio_xmpp::xmlstream::{StreamHeader, Timeouts};
 
@@ -112,6 +115,7 @@ async fn login<C: ServerConnector>(server: C, jid: Jid, password: String) -> Res
     let username = jid.node().map(|n| n.as_str().to_owned()).unwrap_or_default();
     let (stream, channel_binding) = server.connect(&jid, ns::JABBER_CLIENT, Timeouts::tight()).await?;
     let (features, stream) = stream.recv_features().await?;
+    let channel_binding = binding_for(&features, channel_binding);
     let credentials = sasl::common::Credentials::default()
         .with_username(username)
         .with_password(password)
@@ -124,9 +128,64 @@ async fn login<C: ServerConnector>(server: C, jid: Jid, password: String) -> Res
     Ok(Connection { stream: stream.box_stream(), features, identity: jid })
 }
 
+/// The channel binding to log in with, given what the server offers.
+///
+/// With the TLS 1.3 `tls-exporter` data in hand, SCRAM binds to the TLS
+/// connection (a `-PLUS` mechanism) only where the server says it supports
+/// that type (XEP-0440). A server that offers `-PLUS` without saying which
+/// type gets unbound SCRAM: ejabberd before 24.02 (Debian 12 ships 23.01)
+/// offers it over TLS 1.3 but binds to `tls-unique`, which TLS 1.3 does not
+/// have, and refuses every `tls-exporter` login as not authorized. A server
+/// that offers no `-PLUS` is told the client could have bound (`y`), so
+/// that a `-PLUS` offer stripped on the way shows. Without a binding to
+/// offer (no TLS), nothing changes. Either way the server's certificate was
+/// verified before this.
+fn binding_for(features: &StreamFeatures, binding: ChannelBinding) -> ChannelBinding {
+    let ChannelBinding::TlsExporter(_) = binding else { return binding };
+    let declared = features.sasl_cb.as_ref().is_some_and(|cb| cb.types.contains(&sasl_cb::Type::TlsExporter));
+    if declared {
+        binding
+    } else if features.sasl_mechanisms.iter().any(|m| m.ends_with("-PLUS")) {
+        ChannelBinding::None
+    } else {
+        ChannelBinding::Unsupported
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
+
+    fn offering(mechanisms: &[&str], cb: Option<Vec<sasl_cb::Type>>) -> StreamFeatures {
+        StreamFeatures {
+            sasl_mechanisms: mechanisms.iter().map(|m| (*m).to_owned()).collect::<BTreeSet<_>>(),
+            sasl_cb: cb.map(|types| sasl_cb::SaslChannelBinding { types }),
+            ..StreamFeatures::default()
+        }
+    }
+
+    #[test]
+    fn scram_binds_to_tls_only_where_the_server_declares_tls_exporter() {
+        let exporter = || ChannelBinding::TlsExporter(vec![7; 32]);
+        // ejabberd 23.01 over TLS 1.3: -PLUS offered, no XEP-0440.
+        let ejabberd = offering(&["PLAIN", "SCRAM-SHA-1", "SCRAM-SHA-1-PLUS"], None);
+        assert_eq!(binding_for(&ejabberd, exporter()), ChannelBinding::None);
+        // A -PLUS offer for tls-unique only.
+        let unique = offering(&["SCRAM-SHA-1", "SCRAM-SHA-1-PLUS"], Some(vec![sasl_cb::Type::TlsUnique]));
+        assert_eq!(binding_for(&unique, exporter()), ChannelBinding::None);
+        // Prosody 0.12 over TLS 1.3: no -PLUS at all.
+        let prosody = offering(&["PLAIN", "SCRAM-SHA-1"], None);
+        assert_eq!(binding_for(&prosody, exporter()), ChannelBinding::Unsupported);
+        // A server that declares tls-exporter.
+        let declared = offering(
+            &["SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"],
+            Some(vec![sasl_cb::Type::TlsUnique, sasl_cb::Type::TlsExporter]),
+        );
+        assert_eq!(binding_for(&declared, exporter()), exporter());
+        // No TLS: nothing to bind to, whatever is offered.
+        assert_eq!(binding_for(&ejabberd, ChannelBinding::None), ChannelBinding::None);
+    }
 
     #[test]
     fn only_a_refusal_of_the_credentials_is_a_rejected_login() {

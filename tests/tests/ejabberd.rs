@@ -1,0 +1,141 @@
+//! Herald against ejabberd (Debian's package, with the client settings of
+//! its default config): not only Prosody. STARTTLS required, XEP-0198 acks
+//! from another implementation, a server killed and started again, and the
+//! default shaper, which holds a client to 3,000 bytes a second.
+
+use super::ARRIVAL;
+use herald_tests::binaries::{Service, ServiceEnv};
+use herald_tests::ejabberd::Ejabberd;
+use herald_tests::stack::user_entry;
+use herald_tests::{Broker, Receiver, XmppAccount, poll};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How long a test waits for the relay to settle what it holds.
+const SETTLED: Duration = Duration::from_secs(120);
+
+struct Setup {
+    broker: Broker,
+    env: ServiceEnv,
+    sender: XmppAccount,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// The ingress running, and a relay environment whose account for
+    /// `sender` connects to `server`'s STARTTLS port and trusts its CA.
+    async fn new(server: &Ejabberd, sender: XmppAccount) -> (Self, Service) {
+        herald_shared::telemetry::install_crypto_provider();
+        let broker = Broker::connect().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (users, accounts) = (dir.path().join("users.toml"), dir.path().join("accounts.toml"));
+        std::fs::write(&users, user_entry(&sender.jid, "pw", None)).expect("users");
+        // tls defaults to "required": STARTTLS, the certificate checked for localhost.
+        let entry = format!(
+            "[[accounts]]\njid = \"{}\"\npassword = \"{}\"\nserver = \"localhost:{}\"\n",
+            sender.jid, sender.password, server.port
+        );
+        std::fs::write(&accounts, entry).expect("accounts");
+        let env = ServiceEnv::new(broker.url.clone(), broker.prefix.clone(), users, accounts);
+        let ingress = env.spawn_ingress();
+        let http = reqwest::Client::new();
+        let readyz = format!("http://127.0.0.1:{}/readyz", env.ingress_admin_port);
+        poll::until("the ingress to be ready", ARRIVAL, || async {
+            (http.get(&readyz).send().await.ok()?.status() == 200).then_some(())
+        })
+        .await;
+        (Self { broker, env, sender, http, _dir: dir }, ingress)
+    }
+
+    fn relay(&self, server: &Ejabberd, extra: &[(&'static str, &str)]) -> Service {
+        let mut env = self.env.relay();
+        env.push(("SSL_CERT_FILE", server.ca_file.display().to_string()));
+        env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        Service::spawn("herald-relay", &env)
+    }
+
+    async fn relay_ready(&self) {
+        let readyz = format!("http://127.0.0.1:{}/readyz", self.env.relay_admin_port);
+        poll::until("the relay to be ready", ARRIVAL, || async {
+            (self.http.get(&readyz).send().await.ok()?.status() == 200).then_some(())
+        })
+        .await;
+    }
+
+    async fn post(&self, to: &str, text: &str) {
+        let response = self
+            .http
+            .post(format!("http://127.0.0.1:{}/msg/{to}", self.env.ingress_port))
+            .basic_auth(&self.sender.jid, Some("pw"))
+            .header("content-type", "text/plain")
+            .body(text.to_owned())
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status(), 202, "{text}");
+    }
+
+    /// After the relay stopped: nothing left in the work queue (every job
+    /// was acked, none given back) and nothing parked.
+    async fn nothing_left(&self) {
+        let topology = self.broker.topology();
+        assert_eq!(self.broker.ready(&topology.work_queue()).await, 0, "every job was acked");
+        assert_eq!(self.broker.ready(&topology.dead_queue()).await, 0, "nothing was parked");
+    }
+}
+
+/// Receives until every text in `expected` arrived at least once, and
+/// returns how often each arrived.
+async fn receive_all(rx: &mut Receiver, sender: &str, expected: &[String]) -> HashMap<String, usize> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + SETTLED;
+    while expected.iter().any(|text| !seen.contains_key(text)) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = rx.next(left).await else {
+            let missing = expected.iter().filter(|t| !seen.contains_key(*t)).count();
+            panic!("{missing} of {} messages did not arrive", expected.len());
+        };
+        assert!(m.from.starts_with(sender), "from {}", m.from);
+        *seen.entry(m.body).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relay_delivers_through_ejabberd_over_required_starttls_and_across_its_restart() {
+    let mut server = Ejabberd::start(&["relay"]).await;
+    let sender = server.register_as("relay");
+    let recipient = server.register("ej-recipient");
+    let (setup, ingress) = Setup::new(&server, sender).await;
+    let mut rx = Receiver::connect_to(server.plain_port, &recipient).await;
+    let relay = setup.relay(&server, &[]);
+    setup.relay_ready().await;
+
+    let first: Vec<String> = (0..50).map(|i| format!("ejabberd {i}")).collect();
+    for text in &first {
+        setup.post(&recipient.jid, text).await;
+    }
+    let seen = receive_all(&mut rx, &setup.sender.jid, &first).await;
+    assert!(seen.values().all(|&n| n == 1), "each once over a steady stream: {seen:?}");
+
+    // The server restarted: jobs posted while it is down wait, and go once
+    // it is back (the receiver gets them from its offline store, or once it
+    // is online again).
+    server.stop_gracefully().await;
+    let second: Vec<String> = (0..20).map(|i| format!("while ejabberd was down {i}")).collect();
+    for text in &second {
+        setup.post(&recipient.jid, text).await;
+    }
+    server.start_again().await;
+    // A new receiver: tokio-xmpp's client tries to resume its old stream
+    // against the restarted ejabberd over and over, and never logs in
+    // afresh.
+    drop(rx);
+    let mut rx = Receiver::connect_to(server.plain_port, &recipient).await;
+    receive_all(&mut rx, &setup.sender.jid, &second).await;
+
+    assert!(relay.terminate(ARRIVAL).await, "the relay stops cleanly");
+    setup.nothing_left().await;
+    drop(ingress);
+}
