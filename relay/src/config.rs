@@ -85,8 +85,10 @@ pub struct Config {
     #[arg(long, env = "HERALD_RETRY_DELAYS", default_value = DEFAULT_RETRY_DELAYS, value_parser = parse_delays)]
     pub retry_delays: Delays,
 
-    /// How long to wait for the XMPP server to acknowledge a stanza (at
-    /// least 1s).
+    /// How long a stanza waits for the XMPP server's acknowledgement while
+    /// the server acknowledges none of the session's stanzas (at least 1s);
+    /// then its job is retried. A server that acks others meanwhile is slow,
+    /// not gone, and the stanza waits on.
     #[arg(long, env = "HERALD_ACK_TIMEOUT", default_value = "30s", value_parser = at_least::<1000>)]
     pub ack_timeout: Duration,
 

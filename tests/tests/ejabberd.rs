@@ -4,10 +4,12 @@
 //! default shaper, which holds a client to 3,000 bytes a second.
 
 use super::ARRIVAL;
+use herald_shared::topology::headers;
 use herald_tests::binaries::{Service, ServiceEnv};
+use herald_tests::broker::header_text;
 use herald_tests::ejabberd::Ejabberd;
 use herald_tests::stack::user_entry;
-use herald_tests::{Broker, Receiver, XmppAccount, poll};
+use herald_tests::{Broker, Receiver, XmppAccount, admin, poll};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -137,5 +139,75 @@ async fn the_relay_delivers_through_ejabberd_over_required_starttls_and_across_i
 
     assert!(relay.terminate(ARRIVAL).await, "the relay stops cleanly");
     setup.nothing_left().await;
+    drop(ingress);
+}
+
+/// Debian's default shaper holds every account to 3,000 bytes a second: a
+/// burst of 100 alerts (65 KB of stanzas) takes about 15 s to get through
+/// ejabberd, far longer than the ack timeout set here, while ejabberd keeps
+/// acknowledging the stanzas it has read. None of them may be retried (a
+/// retry would put a second copy behind the first) and none parked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_reads_slowly_gets_each_message_once_without_retries() {
+    let server = Ejabberd::start(&[]).await;
+    let sender = server.register_as("shaped");
+    let recipient = server.register("ej-recipient");
+    let (setup, ingress) = Setup::new(&server, sender).await;
+    let mut rx = Receiver::connect_to(server.plain_port, &recipient).await;
+    let relay = setup.relay(&server, &[("HERALD_ACK_TIMEOUT", "5s")]);
+    setup.relay_ready().await;
+
+    let texts: Vec<String> = (0..100).map(|i| format!("{i:03} {}", "x".repeat(500))).collect();
+    for text in &texts {
+        setup.post(&recipient.jid, text).await;
+    }
+    let seen = receive_all(&mut rx, &setup.sender.jid, &texts).await;
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).map(|(t, _)| &t[..3]).collect();
+    assert!(twice.is_empty(), "sent more than once: {twice:?}");
+    let metrics = admin::metrics(&setup.http, &format!("http://127.0.0.1:{}", setup.env.relay_admin_port)).await;
+    let retried = admin::sample(&metrics, r#"herald_deliveries_total{outcome="retried"}"#).unwrap_or(0.0);
+    assert_eq!(retried, 0.0, "no job was retried: {metrics}");
+
+    assert!(relay.terminate(ARRIVAL).await, "the relay stops cleanly");
+    setup.nothing_left().await;
+    drop(ingress);
+}
+
+/// ejabberd keeps 100 messages at most for a user who is offline (Debian's
+/// default `max_user_offline_messages`) and bounces more with
+/// `resource-constraint`, type `wait`: the relay retries those through its
+/// delays and parks them after the last (the first 100 wait in the store).
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_past_ejabberds_offline_limit_are_retried_then_parked() {
+    let server = Ejabberd::start(&["relay"]).await;
+    let sender = server.register_as("relay");
+    let recipient = server.register("ej-offline");
+    let (setup, ingress) = Setup::new(&server, sender).await;
+    let relay = setup.relay(&server, &[("HERALD_RETRY_DELAYS", "100ms,100ms")]);
+    setup.relay_ready().await;
+
+    let texts: Vec<String> = (0..105).map(|i| format!("offline {i:03}")).collect();
+    for text in &texts {
+        setup.post(&recipient.jid, text).await;
+    }
+    let dead = setup.broker.topology().dead_queue();
+    poll::until("the 5 messages past the limit to be parked", SETTLED, || async {
+        (setup.broker.ready(&dead).await == 5).then_some(())
+    })
+    .await;
+    let metrics = admin::metrics(&setup.http, &format!("http://127.0.0.1:{}", setup.env.relay_admin_port)).await;
+    let retried = admin::sample(&metrics, r#"herald_deliveries_total{outcome="retried"}"#).unwrap_or(0.0);
+    assert_eq!(retried, 10.0, "each retried twice first: {metrics}");
+    let parked = setup.broker.get(&dead).await.expect("a parked job");
+    let reason = header_text(&parked.delivery.properties, headers::REASON).expect("reason");
+    assert!(reason.contains("resource-constraint (wait)"), "{reason}");
+
+    // The recipient comes online and gets the 100 from the store, each once.
+    let mut rx = Receiver::connect_to(server.plain_port, &recipient).await;
+    let got = rx.collect(100, ARRIVAL).await;
+    let distinct: std::collections::HashSet<_> = got.iter().map(|m| &m.body).collect();
+    assert_eq!((got.len(), distinct.len()), (100, 100), "the stored 100, each once");
+
+    assert!(relay.terminate(ARRIVAL).await, "the relay stops cleanly");
     drop(ingress);
 }

@@ -14,9 +14,11 @@
 //! stream only as far as the stream takes it without waiting, while the
 //! task keeps reading the stream's events. A stream that takes nothing for
 //! [`ENQUEUE_TIMEOUT`] (the server stopped reading) fails the outbox's jobs
-//! as transient and reports the session stalled; a job that gets no
-//! acknowledgement within the ack timeout does too. Either makes `/readyz`
-//! say so, as does a task that stopped turning.
+//! as transient and reports the session stalled; a job whose stanza waits
+//! for its ack while the server acknowledges nothing of the session's for
+//! the ack timeout does too (a server that acks other stanzas meanwhile is
+//! slow, not gone: see `SessionHandle::acknowledged`). Either makes
+//! `/readyz` say so, as does a task that stopped turning.
 //!
 //! With stream management, stanzas that come while the last one handed to
 //! the stream waits for its ack are held back (at most [`HOLD`]) and go out
@@ -135,6 +137,10 @@ struct Health {
     /// ack, and stale after two ack timeouts without another (a session
     /// that no job has used since is not reported forever).
     ack_overdue: Mutex<Option<Instant>>,
+    /// When the server last acknowledged one of this session's stanzas: a
+    /// stanza's ack timeout counts from this or from its own sending,
+    /// whichever is later (see `SessionHandle::deliver`).
+    last_ack: Mutex<Instant>,
 }
 
 /// Sets (`Some(now)`) or clears (`None`) one of `Health`'s marks.
@@ -154,6 +160,14 @@ impl Health {
 
     fn since_last_turn(&self) -> Duration {
         self.last_turn.lock().unwrap_or_else(std::sync::PoisonError::into_inner).elapsed()
+    }
+
+    fn acked(&self) {
+        *self.last_ack.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+    }
+
+    fn last_ack(&self) -> Instant {
+        *self.last_ack.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -256,17 +270,38 @@ impl SessionHandle {
                 )));
             }
         };
-        let outcome = tokio::time::timeout(self.ack_timeout, confirmed(in_flight)).await;
-        match outcome {
-            Ok(result) => {
-                if result.is_ok() {
-                    mark(&self.health.ack_overdue, None);
-                }
-                result
+        let result = self.acknowledged(in_flight).await;
+        if result.is_ok() {
+            self.health.acked();
+            mark(&self.health.ack_overdue, None);
+        }
+        result
+    }
+
+    /// Waits for the server's acknowledgement of a stanza just handed to the
+    /// stream, until the server has acknowledged nothing of this session's
+    /// for the ack timeout. A server acknowledges in order, so one that
+    /// acked other stanzas meanwhile is reading the stream and gets to this
+    /// one: a slow server, e.g. one that holds the account to a rate
+    /// (ejabberd's default shaper: 3,000 bytes a second) while a burst
+    /// waits in the socket's buffers. Retrying those would put a second
+    /// copy behind the first and send both.
+    async fn acknowledged(&self, in_flight: InFlight) -> Result<(), DeliveryError> {
+        let sent = Instant::now();
+        let confirmed = confirmed(in_flight);
+        tokio::pin!(confirmed);
+        loop {
+            let since = self.health.last_ack().max(sent);
+            let deadline = tokio::time::Instant::from(since + self.ack_timeout);
+            if let Ok(result) = tokio::time::timeout_at(deadline, &mut confirmed).await {
+                return result;
             }
-            Err(_) => {
+            if self.health.last_ack() <= since {
                 mark(&self.health.ack_overdue, Some(Instant::now()));
-                Err(DeliveryError::Transient(format!("no acknowledgement within {:?}", self.ack_timeout)))
+                return Err(DeliveryError::Transient(format!(
+                    "the XMPP server acknowledged nothing within {:?}",
+                    self.ack_timeout
+                )));
             }
         }
     }
@@ -305,6 +340,7 @@ pub fn spawn(
         last_turn: Mutex::new(Instant::now()),
         outbox_stuck: Mutex::new(None),
         ack_overdue: Mutex::new(None),
+        last_ack: Mutex::new(Instant::now()),
     });
     let handle = SessionHandle {
         jid: account.jid.clone(),
@@ -394,15 +430,20 @@ impl Session {
         loop {
             self.health.turned();
             let held_until = self.flush_outbox().map(tokio::time::Instant::from);
+            // Jobs not yet handed to the stream, or (with stream management)
+            // handed to it and not yet acknowledged: an idle session waits
+            // for them to settle before it closes.
             let waiting = !self.outbox.is_empty();
+            let in_flight = waiting || (self.idle.is_some() && self.stream_management && self.unacked());
             let mut last_sent = held_until.and_then(|_| self.last_sent.clone());
             let idle_until = self.idle.map(|idle| tokio::time::Instant::from(last_job + idle));
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = sleep_until(idle_until), if idle_until.is_some() && !waiting => {
-                    // No job was taken for longer than any job waits for its
-                    // ack: nothing is in flight. One sent in this instant is
-                    // handed back for a new session.
+                () = sleep_until(idle_until), if idle_until.is_some() && !in_flight => {
+                    // No job was taken for this long and none is in flight
+                    // (one whose server acks slowly may wait longer than the
+                    // ack timeout). One sent in this instant is handed back
+                    // for a new session.
                     jobs.close();
                     while let Ok(job) = jobs.try_recv() {
                         let _ = job.reply.send(Err(DeliveryError::SessionClosed));
@@ -442,8 +483,9 @@ impl Session {
     /// `hold_deadline`).
     fn flush_outbox(&mut self) -> Option<Instant> {
         let oldest = self.outbox.front()?.since;
-        let unacked = self.last_sent.as_ref().is_some_and(|t| matches!(t.state(), StanzaState::Sent { .. }));
-        if let Some(until) = hold_deadline(self.stream_management, unacked, self.outbox.len(), oldest, Instant::now()) {
+        if let Some(until) =
+            hold_deadline(self.stream_management, self.unacked(), self.outbox.len(), oldest, Instant::now())
+        {
             return Some(until);
         }
         while let Some(head) = self.outbox.front() {
@@ -461,6 +503,12 @@ impl Session {
             }
         }
         None
+    }
+
+    /// The stanza last handed to the stream waits for the server's ack (and
+    /// with it, acks being in order, every one before it that does).
+    fn unacked(&self) -> bool {
+        self.last_sent.as_ref().is_some_and(|t| matches!(t.state(), StanzaState::Sent { .. }))
     }
 
     fn fail_outbox(&mut self) {
