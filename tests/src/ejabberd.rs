@@ -22,6 +22,8 @@ use std::time::Duration;
 use crate::prosody::{XmppAccount, free_port, make_certificates};
 
 pub const DOMAIN: &str = "localhost";
+/// The group chat service (the default's `conference.@HOST@`).
+pub const ROOMS: &str = "conference.localhost";
 const EJABBERDCTL: &str = "/usr/sbin/ejabberdctl";
 /// The package's system user, which ejabberdctl insists on.
 const USER: &str = "ejabberd";
@@ -131,6 +133,9 @@ modules:
   mod_roster: {{}}
   mod_stream_mgmt: {{}}
   mod_offline: {{}}
+  mod_muc:
+    host: "{ROOMS}"
+    access_create: local
 "#,
             port = self.port,
             plain_port = self.plain_port,

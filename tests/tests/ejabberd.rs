@@ -7,11 +7,12 @@ use super::ARRIVAL;
 use herald_shared::topology::headers;
 use herald_tests::binaries::{Service, ServiceEnv};
 use herald_tests::broker::header_text;
-use herald_tests::ejabberd::Ejabberd;
+use herald_tests::ejabberd::{Ejabberd, ROOMS};
 use herald_tests::stack::user_entry;
 use herald_tests::{Broker, Receiver, XmppAccount, admin, poll};
 use std::collections::HashMap;
 use std::time::Duration;
+use tokio_xmpp::parsers::message::MessageType;
 
 /// How long a test waits for the relay to settle what it holds.
 const SETTLED: Duration = Duration::from_secs(120);
@@ -209,5 +210,42 @@ async fn messages_past_ejabberds_offline_limit_are_retried_then_parked() {
     assert_eq!((got.len(), distinct.len()), (100, 100), "the stored 100, each once");
 
     assert!(relay.terminate(ARRIVAL).await, "the relay stops cleanly");
+    drop(ingress);
+}
+
+/// A group chat room on ejabberd's MUC service: the relay joins as its
+/// account's nick before its first message there.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relay_joins_an_ejabberd_room_and_speaks_there() {
+    let server = Ejabberd::start(&["relay"]).await;
+    let sender = server.register_as("relay");
+    let owner = server.register("room-owner");
+    let (setup, ingress) = Setup::new(&server, sender).await;
+    let mut watcher = Receiver::connect_to(server.plain_port, &owner).await;
+    let room = format!("ops@{ROOMS}");
+    watcher.join_room(&room, "watcher").await;
+    // An instant room: the owner accepts the default configuration.
+    watcher.configure_room(&room, &[]).await;
+    let relay = setup.relay(&server, &[]);
+    setup.relay_ready().await;
+
+    let response = setup
+        .http
+        .post(format!("http://127.0.0.1:{}/msg", setup.env.ingress_port))
+        .basic_auth(&setup.sender.jid, Some("pw"))
+        .json(&serde_json::json!({ "to": room, "type": "groupchat", "body": "db-7 is down" }))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 202);
+    let m = watcher.next(ARRIVAL).await.expect("the room relays the message");
+    assert_eq!(
+        (m.kind, m.body.as_str(), m.from.as_str()),
+        (MessageType::Groupchat, "db-7 is down", format!("{room}/relay").as_str())
+    );
+    assert!(watcher.next(Duration::from_millis(500)).await.is_none(), "nothing twice");
+
+    assert!(relay.terminate(ARRIVAL).await, "the relay stops cleanly");
+    setup.nothing_left().await;
     drop(ingress);
 }
