@@ -144,10 +144,12 @@ async fn the_relay_delivers_through_ejabberd_over_required_starttls_and_across_i
 }
 
 /// Debian's default shaper holds every account to 3,000 bytes a second: a
-/// burst of 100 alerts (65 KB of stanzas) takes about 15 s to get through
-/// ejabberd, far longer than the ack timeout set here, while ejabberd keeps
-/// acknowledging the stanzas it has read. None of them may be retried (a
-/// retry would put a second copy behind the first) and none parked.
+/// burst of 200 alerts (about 130 KB of stanzas) takes about 40 s to get
+/// through ejabberd, far longer than the ack timeout set here, while
+/// ejabberd keeps acknowledging the stanzas it has read. None of them may
+/// be retried (a retry would put a second copy behind the first) and none
+/// parked; nor may the session close as idle while they wait, though it
+/// takes no new job for longer than `HERALD_SESSION_IDLE`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_reads_slowly_gets_each_message_once_without_retries() {
     let server = Ejabberd::start(&[]).await;
@@ -155,10 +157,13 @@ async fn a_server_that_reads_slowly_gets_each_message_once_without_retries() {
     let recipient = server.register("ej-recipient");
     let (setup, ingress) = Setup::new(&server, sender).await;
     let mut rx = Receiver::connect_to(server.plain_port, &recipient).await;
-    let relay = setup.relay(&server, &[("HERALD_ACK_TIMEOUT", "5s")]);
+    // The session opens for the first job, so the burst waits for it and
+    // goes out in batches, each about 16 KiB behind one ack request: 5 s
+    // of this shaper, within the ack timeout.
+    let relay = setup.relay(&server, &[("HERALD_ACK_TIMEOUT", "10s"), ("HERALD_SESSION_IDLE", "21s")]);
     setup.relay_ready().await;
 
-    let texts: Vec<String> = (0..100).map(|i| format!("{i:03} {}", "x".repeat(500))).collect();
+    let texts: Vec<String> = (0..200).map(|i| format!("{i:03} {}", "x".repeat(500))).collect();
     for text in &texts {
         setup.post(&recipient.jid, text).await;
     }
