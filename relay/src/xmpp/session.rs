@@ -22,8 +22,7 @@
 //!
 //! With stream management, stanzas that come while the last one handed to
 //! the stream waits for its ack are held back (at most [`HOLD`]) and go out
-//! together behind one ack request (see `hold_deadline`), at most
-//! [`HOLD_BATCH`] stanzas and about [`BATCH_BYTES`] per request.
+//! together behind one ack request (see `hold_deadline`).
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -71,16 +70,8 @@ const OUTBOX_RETRY: Duration = Duration::from_millis(20);
 /// While the stanza last handed to the stream waits for the server's ack,
 /// new stanzas are held back for this long at most (see `hold_deadline`).
 const HOLD: Duration = Duration::from_millis(2);
-/// Held stanzas go out at once when this many are waiting; and at most this
-/// many go out behind one ack request.
+/// Held stanzas go out at once when this many are waiting.
 const HOLD_BATCH: usize = 64;
-/// At most about this many bytes of stanzas go out behind one ack request,
-/// so that a server that reads slowly (a shaper: ejabberd's default lets a
-/// client send 3,000 bytes a second) answers one within the ack timeout,
-/// which measures the server's silence (see `SessionHandle::acknowledged`).
-const BATCH_BYTES: usize = 16 * 1024;
-/// What a message's stanza adds to its texts, roughly.
-const STANZA_ENVELOPE_BYTES: usize = 256;
 /// How often the task proves it is turning.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A task whose last turn is older than this is reported as not responding.
@@ -396,17 +387,6 @@ enum Out {
 }
 
 impl Out {
-    /// About how large the stanza is.
-    fn approximate_bytes(&self) -> usize {
-        match self {
-            Out::Job(message, _) => {
-                let texts: usize = message.bodies.values().chain(message.subjects.values()).map(String::len).sum();
-                texts + STANZA_ENVELOPE_BYTES
-            }
-            Out::Iq(_) | Out::Presence(_) => STANZA_ENVELOPE_BYTES,
-        }
-    }
-
     fn stanza(&self) -> Stanza {
         match self {
             Out::Job(message, _) => Message::clone(message).into(),
@@ -456,9 +436,6 @@ impl Session {
             let waiting = !self.outbox.is_empty();
             let in_flight = waiting || (self.idle.is_some() && self.awaited());
             let mut last_sent = held_until.and_then(|_| self.last_sent.clone());
-            // A batch waits for the last one to be written.
-            let mut writing =
-                (waiting && self.stream_management && self.unwritten()).then(|| self.last_sent.clone()).flatten();
             let idle_until = self.idle.map(|idle| tokio::time::Instant::from(last_job + idle));
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -490,7 +467,6 @@ impl Session {
                 () = tokio::time::sleep(OUTBOX_RETRY), if waiting => {}
                 () = sleep_until(held_until), if held_until.is_some() => {}
                 () = acked(&mut last_sent), if last_sent.is_some() => self.last_sent = None,
-                () = written(&mut writing), if writing.is_some() => {}
             }
         }
         self.set_online(false);
@@ -505,11 +481,6 @@ impl Session {
     /// outbox: its jobs are retried later, on this stream or another.
     /// Returns until when the outbox is held back instead, if it is (see
     /// `hold_deadline`).
-    ///
-    /// With stream management it hands on one batch at a time (at most
-    /// `HOLD_BATCH` stanzas and about `BATCH_BYTES`), and the next only once
-    /// the stream has written the last (tokio-xmpp asks for an ack after
-    /// each write), so that every batch gets its own ack request.
     fn flush_outbox(&mut self) -> Option<Instant> {
         let oldest = self.outbox.front()?.since;
         if let Some(until) =
@@ -517,22 +488,13 @@ impl Session {
         {
             return Some(until);
         }
-        let (mut batch, mut bytes) = (0, 0);
         while let Some(head) = self.outbox.front() {
-            let full = batch >= HOLD_BATCH || bytes >= BATCH_BYTES || (batch == 0 && self.unwritten());
-            let taken = if self.stream_management && full {
-                None
-            } else {
-                self.stream.send(Box::new(head.stanza.stanza())).now_or_never()
-            };
-            let Some(token) = taken else {
+            let Some(token) = self.stream.send(Box::new(head.stanza.stanza())).now_or_never() else {
                 if head.since.elapsed() >= ENQUEUE_TIMEOUT {
                     self.fail_outbox();
                 }
                 return None;
             };
-            batch += 1;
-            bytes += head.stanza.approximate_bytes();
             mark(&self.health.outbox_stuck, None);
             self.last_sent = Some(token.clone());
             if let Some(Queued { stanza: Out::Job(_, reply), .. }) = self.outbox.pop_front() {
@@ -547,11 +509,6 @@ impl Session {
     /// with it, acks being in order, every one before it that does).
     fn unacked(&self) -> bool {
         self.last_sent.as_ref().is_some_and(|t| matches!(t.state(), StanzaState::Sent { .. }))
-    }
-
-    /// The stanza last handed to the stream is not written yet.
-    fn unwritten(&self) -> bool {
-        self.last_sent.as_ref().is_some_and(|t| matches!(t.state(), StanzaState::Queued))
     }
 
     /// A job still waits for the ack of a stanza on this stream: one is
@@ -793,13 +750,6 @@ fn hold_deadline(
 ) -> Option<Instant> {
     let until = oldest + HOLD;
     (stream_management && unacked && waiting < HOLD_BATCH && now < until).then_some(until)
-}
-
-/// Resolves once the stanza is past `Queued`: written, or failed.
-async fn written(token: &mut Option<StanzaToken>) {
-    if let Some(token) = token {
-        token.wait_for(StanzaStage::Sent).await;
-    }
 }
 
 /// Resolves once the stanza is past `Sent`: acked, failed, or dropped with
