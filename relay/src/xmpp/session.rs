@@ -139,7 +139,7 @@ struct Health {
     ack_overdue: Mutex<Option<Instant>>,
     /// When the server last acknowledged one of this session's stanzas: a
     /// stanza's ack timeout counts from this or from its own sending,
-    /// whichever is later (see `SessionHandle::deliver`).
+    /// whichever is later (see `SessionHandle::acknowledged`).
     last_ack: Mutex<Instant>,
 }
 
