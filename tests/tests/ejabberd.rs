@@ -79,6 +79,13 @@ impl Setup {
         assert_eq!(response.status(), 202, "{text}");
     }
 
+    /// How many jobs the relay retried, and its metrics to say so.
+    async fn retried(&self) -> (f64, String) {
+        let metrics = admin::metrics(&self.http, &format!("http://127.0.0.1:{}", self.env.relay_admin_port)).await;
+        let retried = admin::sample(&metrics, r#"herald_deliveries_total{outcome="retried"}"#).unwrap_or(0.0);
+        (retried, metrics)
+    }
+
     /// After the relay stopped: nothing left in the work queue (every job
     /// was acked, none given back) and nothing parked.
     async fn nothing_left(&self) {
@@ -176,8 +183,7 @@ async fn a_server_that_reads_slowly_gets_each_message_once_without_retries() {
     let seen = receive_all(&mut rx, &setup.sender.jid, &texts).await;
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).map(|(t, _)| &t[..3]).collect();
     assert!(twice.is_empty(), "sent more than once: {twice:?}");
-    let metrics = admin::metrics(&setup.http, &format!("http://127.0.0.1:{}", setup.env.relay_admin_port)).await;
-    let retried = admin::sample(&metrics, r#"herald_deliveries_total{outcome="retried"}"#).unwrap_or(0.0);
+    let (retried, metrics) = setup.retried().await;
     assert_eq!(retried, 0.0, "no job was retried: {metrics}");
 
     assert!(relay.terminate(ARRIVAL).await, "the relay stops cleanly");
@@ -207,8 +213,7 @@ async fn messages_past_ejabberds_offline_limit_are_retried_then_parked() {
         (setup.broker.ready(&dead).await == 5).then_some(())
     })
     .await;
-    let metrics = admin::metrics(&setup.http, &format!("http://127.0.0.1:{}", setup.env.relay_admin_port)).await;
-    let retried = admin::sample(&metrics, r#"herald_deliveries_total{outcome="retried"}"#).unwrap_or(0.0);
+    let (retried, metrics) = setup.retried().await;
     assert_eq!(retried, 10.0, "each retried twice first: {metrics}");
     let parked = setup.broker.get(&dead).await.expect("a parked job");
     let reason = header_text(&parked.delivery.properties, headers::REASON).expect("reason");
