@@ -53,7 +53,8 @@ impl Fixture {
         let prosody = Prosody::start().await;
         let sender = prosody.register("sender");
         let recipient = prosody.register("recipient");
-        let dir = tempfile::Builder::new().prefix("herald-fault-").tempdir().expect("tempdir");
+        let mut dir = tempfile::Builder::new().prefix("herald-fault-").tempdir().expect("tempdir");
+        dir.disable_cleanup(crate::keep_files());
         let users = dir.path().join("users.toml");
         let accounts = dir.path().join("accounts.toml");
         std::fs::write(&users, user_entry(&sender.jid, HTTP_PASSWORD, None)).expect("users");
@@ -79,6 +80,16 @@ impl Fixture {
 
     pub fn log(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// A text/plain post of `body` as the sender, to the recipient: add
+    /// headers, then send.
+    pub fn post(&self, body: impl Into<reqwest::Body>) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.url())
+            .basic_auth(&self.sender.jid, Some(HTTP_PASSWORD))
+            .header("content-type", "text/plain")
+            .body(body)
     }
 
     pub fn url(&self) -> String {

@@ -21,7 +21,8 @@ pub mod receiver;
 pub mod stack;
 
 /// `HERALD_TEST_KEEP=1`: keep the temporary directories (Prosody's config
-/// and log, the bench's service logs) for a post-mortem.
+/// and log, the services' logs of the fault tests and the bench) for a
+/// post-mortem.
 pub fn keep_files() -> bool {
     std::env::var_os("HERALD_TEST_KEEP").is_some()
 }

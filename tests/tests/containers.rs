@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use herald_tests::{
     containers,
-    fixture::{Fixture, HTTP_PASSWORD, report},
+    fixture::{Fixture, report},
     load::{self, Tally},
     receiver::Received,
 };
@@ -119,14 +119,7 @@ async fn broker_outage_mid_burst(outage: Outage) {
 async fn refused_while_out(f: &Fixture, when: &str) -> Vec<String> {
     let bodies: Vec<String> =
         (0..PROBES).map(|i| format!("probe {i} {when} {}", uuid::Uuid::new_v4().simple())).collect();
-    let posts = bodies.iter().map(|body| {
-        f.http
-            .post(f.url())
-            .basic_auth(&f.sender.jid, Some(HTTP_PASSWORD))
-            .header("content-type", "text/plain")
-            .body(body.clone())
-            .send()
-    });
+    let posts = bodies.iter().map(|body| f.post(body.clone()).send());
     let answers = tokio::time::timeout(ANSWER, futures::future::join_all(posts))
         .await
         .unwrap_or_else(|_| panic!("{when}: the ingress did not answer within {ANSWER:?}"));

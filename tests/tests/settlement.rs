@@ -12,7 +12,7 @@ use herald_tests::{
     admin::{metrics, readyz, sample},
     binaries::{self, Service},
     broker::header_text,
-    fixture::{ARRIVAL, Fixture, HTTP_PASSWORD, job_id, report},
+    fixture::{ARRIVAL, Fixture, job_id, report},
     load::{self, Sent, Tally},
     poll,
     prosody::ROOMS,
@@ -46,12 +46,8 @@ async fn idempotent_jobs_survive_a_broker_blip_during_an_xmpp_outage() {
     for i in 0..5 {
         let body = format!("idempotent {i}");
         let response = f
-            .http
-            .post(f.url())
-            .basic_auth(&f.sender.jid, Some(HTTP_PASSWORD))
-            .header("content-type", "text/plain")
+            .post(body.clone())
             .header("idempotency-key", format!("blip-{i}-{}", uuid::Uuid::new_v4().simple()))
-            .body(body.clone())
             .send()
             .await
             .expect("post");

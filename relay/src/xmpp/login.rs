@@ -11,6 +11,8 @@ use super::accounts::{Account, Tls};
 use super::connect;
 use sasl::common::ChannelBinding;
 use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio_xmpp::connect::{DnsConfig, ServerConnector};
@@ -55,31 +57,56 @@ impl LoginState {
 
 pub type Connector = Box<dyn FnMut(Option<String>, oneshot::Sender<Connection>) + Send + 'static>;
 
-/// A connector for `StanzaStream::new` that logs in as `account` and
-/// publishes each attempt's outcome on `state`.
-pub fn connector(account: &Account, state: watch::Sender<LoginState>) -> Connector {
+/// How many connections a session's streams have asked their connectors
+/// for, the first and every reconnection, counted the moment they ask:
+/// before the connection exists, so before anything a server says on it
+/// (an `<sm:resumed/>` or `<sm:failed/>` with the count of stanzas it
+/// handled) can mark a stanza acknowledged.
+#[derive(Debug, Clone, Default)]
+pub struct Connections(Arc<AtomicU64>);
+
+impl Connections {
+    pub fn current(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn asked(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A connector for `StanzaStream::new` that logs in as `account`,
+/// publishes each attempt's outcome on `state` and counts each connection
+/// asked for on `connections`.
+pub fn connector(account: &Account, state: watch::Sender<LoginState>, connections: Connections) -> Connector {
     let dns = match &account.server {
         Some(server) => DnsConfig::NoSrv { host: server.host.clone(), port: server.port, resolver: None },
         None => DnsConfig::srv_default_client(account.jid.domain().as_str()),
     };
     match account.tls {
-        Tls::Required => with(connect::StartTls(dns), account, state),
+        Tls::Required => with(connect::StartTls(dns), account, state, connections),
         Tls::Direct => {
             let dns = match &account.server {
                 Some(_) => dns,
                 None => DnsConfig::srv_xmpps(account.jid.domain().as_str()),
             };
-            with(connect::DirectTls(dns), account, state)
+            with(connect::DirectTls(dns), account, state, connections)
         }
         // accounts::parse allows this only for loopback servers.
-        Tls::None => with(connect::Tcp(dns), account, state),
+        Tls::None => with(connect::Tcp(dns), account, state, connections),
     }
 }
 
-fn with<C: ServerConnector>(server: C, account: &Account, state: watch::Sender<LoginState>) -> Connector {
+fn with<C: ServerConnector>(
+    server: C,
+    account: &Account,
+    state: watch::Sender<LoginState>,
+    connections: Connections,
+) -> Connector {
     let jid: Jid = account.jid.jid().clone().into();
     let password = account.password.clone();
     Box::new(move |_preferred_location, mut slot| {
+        connections.asked();
         let (server, jid, password, state) = (server.clone(), jid.clone(), password.clone(), state.clone());
         tokio::spawn(async move {
             let mut delay = FIRST_RETRY;

@@ -5,7 +5,9 @@
 //! The session uses tokio-xmpp's `StanzaStream` directly: it reconnects on
 //! its own, resumes with XEP-0198 where it can, and reports each stanza's
 //! progress through a token. A job succeeds only when its stanza reached the
-//! `Acked` stage (the server's `<a h=…/>` covered it). Where the server
+//! `Acked` stage (the server's `<a h=…/>` covered it) on the connection it
+//! was sent on: an ack given on resumption, after the connection was lost,
+//! is not trusted (see `confirmed`). Where the server
 //! offers no stream management, an iq ping sent right after the stanza and
 //! answered proves the server read it, because a stream is ordered.
 //!
@@ -96,10 +98,12 @@ impl std::fmt::Debug for Outgoing {
     }
 }
 
-/// A stanza handed to the stream: its progress token and, without stream
-/// management, the ping that proves the server read it.
+/// A stanza handed to the stream: its progress token, the connection it
+/// was handed to (see `confirmed`) and, without stream management, the ping
+/// that proves the server read it.
 pub(super) struct InFlight {
     token: StanzaToken,
+    connection: u64,
     ping: Option<oneshot::Receiver<()>>,
 }
 
@@ -141,6 +145,8 @@ struct Health {
     /// stanza's ack timeout counts from this or from its own sending,
     /// whichever is later (see `SessionHandle::acknowledged`).
     last_ack: Mutex<Instant>,
+    /// Counted by the streams' connectors (see `confirmed`).
+    connections: login::Connections,
 }
 
 /// Sets (`Some(now)`) or clears (`None`) one of `Health`'s marks.
@@ -288,7 +294,7 @@ impl SessionHandle {
     /// copy behind the first and send both.
     async fn acknowledged(&self, in_flight: InFlight) -> Result<(), DeliveryError> {
         let sent = Instant::now();
-        let confirmed = confirmed(in_flight);
+        let confirmed = confirmed(in_flight, &self.health.connections);
         tokio::pin!(confirmed);
         loop {
             let since = self.health.last_ack().max(sent);
@@ -341,6 +347,7 @@ pub fn spawn(
         outbox_stuck: Mutex::new(None),
         ack_overdue: Mutex::new(None),
         last_ack: Mutex::new(Instant::now()),
+        connections: login::Connections::default(),
     });
     let handle = SessionHandle {
         jid: account.jid.clone(),
@@ -351,7 +358,10 @@ pub fn spawn(
         health: Arc::clone(&health),
     };
     let session = Session {
-        stream: StanzaStream::new(login::connector(&account, login_tx.clone()), STREAM_QUEUE_DEPTH),
+        stream: StanzaStream::new(
+            login::connector(&account, login_tx.clone(), health.connections.clone()),
+            STREAM_QUEUE_DEPTH,
+        ),
         login_tx,
         lost_in_a_row: 0,
         rooms: Rooms::new(account.nick.clone(), settings.nick_suffix.clone()),
@@ -499,7 +509,8 @@ impl Session {
             self.last_sent = Some(token.clone());
             if let Some(Queued { stanza: Out::Job(_, reply), .. }) = self.outbox.pop_front() {
                 let ping = (!self.stream_management).then(|| self.queue_ping());
-                let _ = reply.send(Ok(InFlight { token, ping }));
+                let connection = self.health.connections.current();
+                let _ = reply.send(Ok(InFlight { token, connection, ping }));
             }
         }
         None
@@ -642,7 +653,8 @@ impl Session {
         }
         tracing::warn!(account = %self.account.jid, lost = self.lost_in_a_row, "the XMPP stream cannot be resumed; starting a fresh one");
         self.lost_in_a_row = 0;
-        let fresh = StanzaStream::new(login::connector(&self.account, self.login_tx.clone()), STREAM_QUEUE_DEPTH);
+        let connector = login::connector(&self.account, self.login_tx.clone(), self.health.connections.clone());
+        let fresh = StanzaStream::new(connector, STREAM_QUEUE_DEPTH);
         let old = std::mem::replace(&mut self.stream, fresh);
         drop(tokio::time::timeout(CLOSE_TIMEOUT, old.close()).await);
         self.pings.clear();
@@ -761,11 +773,28 @@ async fn acked(token: &mut Option<StanzaToken>) {
 }
 
 /// Resolves once the server has provably received the stanza: its XEP-0198
-/// ack, or (without stream management) the answer to the ping sent after it.
-async fn confirmed(InFlight { mut token, ping }: InFlight) -> Result<(), DeliveryError> {
+/// ack on the connection it was handed to, or (without stream management)
+/// the answer to the ping sent after it.
+///
+/// An ack that comes after that connection was lost is not trusted: it is
+/// the count a server gives when the stream is resumed (`<sm:resumed h=…/>`)
+/// or when it cannot be (`<sm:failed h=…/>`), and Prosody 0.12 saves, when
+/// it stops, a count that covers the stanza it was reading and then drops
+/// that stanza. Such a job is retried (a duplicate if the server had it).
+/// `connections` counts a reconnection before the new connection exists,
+/// so it has changed by the time such an ack can arrive.
+async fn confirmed(in_flight: InFlight, connections: &login::Connections) -> Result<(), DeliveryError> {
+    let InFlight { mut token, connection, ping } = in_flight;
     let stage = if ping.is_some() { StanzaStage::Sent } else { StanzaStage::Acked };
     match token.wait_for(stage).await {
-        Some(StanzaState::Acked { .. }) => return Ok(()),
+        Some(StanzaState::Acked { .. }) if connections.current() == connection => return Ok(()),
+        Some(StanzaState::Acked { .. }) => {
+            return Err(DeliveryError::Transient(
+                "the XMPP connection was lost before the server acknowledged the message; \
+                 a count given after a reconnection is not trusted"
+                    .into(),
+            ));
+        }
         Some(StanzaState::Sent { .. }) if ping.is_some() => {}
         Some(StanzaState::Failed { error }) => {
             return Err(DeliveryError::Transient(format!("XMPP send failed: {error}")));

@@ -212,7 +212,7 @@ async fn connect(route: &Route<'_>, socket: Socket) -> StanzaStream {
             let entry = route.prosody.accounts_entry(route.sender);
             let account = herald_relay::xmpp::accounts::parse(&entry).expect("accounts entry parses").remove(0);
             let (state, _) = tokio::sync::watch::channel(LoginState::Connecting);
-            StanzaStream::new(login::connector(&account, state), QUEUE_DEPTH)
+            StanzaStream::new(login::connector(&account, state, login::Connections::default()), QUEUE_DEPTH)
         }
         Socket::NoDelay => {
             let server = NoDelayConnector(DnsConfig::Addr { addr: format!("127.0.0.1:{}", route.prosody.port) });
