@@ -150,6 +150,72 @@ async fn the_relay_delivers_through_ejabberd_over_required_starttls_and_across_i
     drop(ingress);
 }
 
+/// ejabberd stopped (`ejabberdctl stop`) and started again while a burst
+/// is being posted and relayed: every message arrives, none is parked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_across_an_ejabberd_restart_loses_nothing() {
+    const BURST: usize = 600;
+    let mut server = Ejabberd::start(&["relay"]).await;
+    let sender = server.register_as("relay");
+    let recipient = server.register("ej-burst");
+    let (setup, ingress) = Setup::new(&server, sender).await;
+    let mut rx = Receiver::connect_to(server.plain_port, &recipient).await;
+    let relay = setup.relay(&server, &[]);
+    setup.relay_ready().await;
+
+    // The burst: a post every 10 ms (the scenario's pace, for about 6 s),
+    // in the background.
+    let texts: Vec<String> = (0..BURST).map(|i| format!("across the restart {i}")).collect();
+    let posted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let burst = {
+        let (http, texts, posted) = (setup.http.clone(), texts.clone(), std::sync::Arc::clone(&posted));
+        let url = format!("http://127.0.0.1:{}/msg/{}", setup.env.ingress_port, recipient.jid);
+        let jid = setup.sender.jid.clone();
+        tokio::spawn(async move {
+            let mut pace = tokio::time::interval(Duration::from_millis(10));
+            for text in texts {
+                pace.tick().await;
+                let response = http
+                    .post(&url)
+                    .basic_auth(&jid, Some("pw"))
+                    .header("content-type", "text/plain")
+                    .body(text.clone())
+                    .send()
+                    .await
+                    .expect("post");
+                assert_eq!(response.status(), 202, "{text}");
+                posted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    poll::until("a quarter of the burst to be posted", ARRIVAL, || async {
+        (posted.load(std::sync::atomic::Ordering::SeqCst) >= BURST / 4).then_some(())
+    })
+    .await;
+    server.stop_gracefully().await;
+    server.start_again().await;
+    // See the restart test above: a new receiver once the server is back.
+    // What the first one got before the stop has long been handed over.
+    let mut new_rx = Receiver::connect_to(server.plain_port, &recipient).await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    while let Some(m) = rx.next(Duration::ZERO).await {
+        *seen.entry(m.body).or_default() += 1;
+    }
+    drop(rx);
+    burst.await.expect("every post got a 202");
+    let rest: Vec<String> = texts.iter().filter(|t| !seen.contains_key(*t)).cloned().collect();
+    for (text, n) in receive_all(&mut new_rx, &setup.sender.jid, &rest).await {
+        *seen.entry(text).or_default() += n;
+    }
+    assert!(texts.iter().all(|t| seen.contains_key(t)));
+    let duplicated: usize = seen.values().map(|n| n - 1).sum();
+    println!("FAULT ejabberd stopped and started mid-burst of {BURST}: all arrived, {duplicated} duplicated");
+
+    assert!(relay.terminate(ARRIVAL).await, "the relay stops cleanly");
+    setup.nothing_left().await;
+    drop(ingress);
+}
+
 /// Debian's default shaper holds every account to 3,000 bytes a second: a
 /// burst of 150 alerts (about 100 KB of stanzas) takes about 25 s to get
 /// through ejabberd, far longer than the ack timeout set here, while

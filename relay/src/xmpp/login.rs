@@ -27,6 +27,13 @@ use tokio_xmpp::xmlstream::{StreamHeader, Timeouts};
 
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// A stream that lost its connection waits this long before it connects
+/// again, plus up to as long again at random. A server that is being
+/// stopped closes every stream (`system-shutdown`) and may still take new
+/// logins for a moment: ejabberd 23.01 did for a second, and acknowledged
+/// stanzas on them that it then dropped. The random part spreads the
+/// logins of many sessions to a server that comes back.
+const RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
 /// Where the latest login attempt got to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,10 +112,16 @@ fn with<C: ServerConnector>(
 ) -> Connector {
     let jid: Jid = account.jid.jid().clone().into();
     let password = account.password.clone();
+    let mut first = true;
     Box::new(move |_preferred_location, mut slot| {
         connections.asked();
+        let wait = if std::mem::take(&mut first) { Duration::ZERO } else { reconnect_delay() };
         let (server, jid, password, state) = (server.clone(), jid.clone(), password.clone(), state.clone());
         tokio::spawn(async move {
+            tokio::select! {
+                () = slot.closed() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
             let mut delay = FIRST_RETRY;
             loop {
                 state.send_replace(LoginState::Connecting);
@@ -134,6 +147,11 @@ fn with<C: ServerConnector>(
             }
         });
     })
+}
+
+/// `RECONNECT_DELAY` and up to as long again.
+fn reconnect_delay() -> Duration {
+    RECONNECT_DELAY.mul_f64(1.0 + rand::random::<f64>())
 }
 
 /// Connect, secure, authenticate and restart the stream: what tokio-xmpp's
@@ -183,6 +201,14 @@ fn binding_for(features: &StreamFeatures, binding: ChannelBinding) -> ChannelBin
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+
+    #[test]
+    fn a_reconnection_waits_two_to_four_seconds() {
+        for _ in 0..1000 {
+            let wait = reconnect_delay();
+            assert!((RECONNECT_DELAY..RECONNECT_DELAY * 2).contains(&wait), "{wait:?}");
+        }
+    }
 
     fn offering(mechanisms: &[&str], cb: Option<Vec<sasl_cb::Type>>) -> StreamFeatures {
         StreamFeatures {
