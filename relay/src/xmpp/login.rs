@@ -11,9 +11,9 @@ use super::accounts::{Account, Tls};
 use super::connect;
 use sasl::common::ChannelBinding;
 use std::borrow::Cow;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 use tokio_xmpp::connect::{DnsConfig, ServerConnector};
 use tokio_xmpp::error::{AuthError, Error as XmppError};
@@ -27,12 +27,14 @@ use tokio_xmpp::xmlstream::{StreamHeader, Timeouts};
 
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
-/// A stream that lost its connection waits this long before it connects
-/// again, plus up to as long again at random. A server that is being
-/// stopped closes every stream (`system-shutdown`) and may still take new
-/// logins for a moment: ejabberd 23.01 did for a second, and acknowledged
-/// stanzas on them that it then dropped. The random part spreads the
-/// logins of many sessions to a server that comes back.
+/// A stream that lost a connection it had for at least this long waits
+/// this long before it connects again, plus up to as long again at random.
+/// A server that is being stopped closes every stream (`system-shutdown`)
+/// and may still take new logins for a moment: ejabberd 23.01 did for a
+/// second, and acknowledged stanzas on them that it then dropped. The
+/// random part spreads the logins of many sessions to a server that comes
+/// back. A connection lost sooner (a server that refused to resume the
+/// stream, see `Session::on_lost`) is made again at once.
 const RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
 /// Where the latest login attempt got to.
@@ -112,11 +114,17 @@ fn with<C: ServerConnector>(
 ) -> Connector {
     let jid: Jid = account.jid.jid().clone().into();
     let password = account.password.clone();
-    let mut first = true;
+    // When this stream last got a connection.
+    let connected: Arc<Mutex<Option<Instant>>> = Arc::default();
     Box::new(move |_preferred_location, mut slot| {
         connections.asked();
-        let wait = if std::mem::take(&mut first) { Duration::ZERO } else { reconnect_delay() };
+        let last = *connected.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let wait = match last {
+            Some(at) if at.elapsed() >= RECONNECT_DELAY => reconnect_delay(),
+            _ => Duration::ZERO,
+        };
         let (server, jid, password, state) = (server.clone(), jid.clone(), password.clone(), state.clone());
+        let connected = Arc::clone(&connected);
         tokio::spawn(async move {
             tokio::select! {
                 () = slot.closed() => return,
@@ -128,6 +136,7 @@ fn with<C: ServerConnector>(
                 match login(server.clone(), jid.clone(), password.clone()).await {
                     Ok(connection) => {
                         state.send_replace(LoginState::LoggedIn);
+                        *connected.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
                         if let Err(mut unused) = slot.send(connection) {
                             // The stanza stream is gone; close politely.
                             let close = <_ as futures::SinkExt<&tokio_xmpp::Stanza>>::close(&mut unused.stream);
