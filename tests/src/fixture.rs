@@ -168,6 +168,25 @@ impl Fixture {
     }
 }
 
+impl Drop for Fixture {
+    /// A failing test shows the end of the services' logs (they are in
+    /// its temporary directory, gone after this).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for name in ["relay", "ingress"] {
+            let Ok(log) = std::fs::read_to_string(self.log(name)) else { continue };
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
+            eprintln!("--- the last {} lines of the {name}'s log ---\n{}", tail.len(), tail.join("\n"));
+        }
+    }
+}
+
+/// Lines of each service's log a failing fault test shows.
+const LOG_TAIL: usize = 60;
+
 pub fn report(fault: &str, tally: &Tally) {
     // Collected for the README's table: cargo nextest run … --no-capture.
     println!("{}", tally.report(fault));

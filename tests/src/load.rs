@@ -119,6 +119,8 @@ pub struct Tally {
     /// other than the one accepted under its id (kept whole, for the
     /// failure).
     pub altered: Vec<Received>,
+    /// The ids of the first lost messages, for the failure.
+    pub lost_ids: Vec<String>,
 }
 
 impl Tally {
@@ -135,6 +137,7 @@ impl Tally {
             }
         }
         let delivered = seen.len();
+        let lost_ids = sent.accepted.keys().filter(|id| !seen.contains_key(id.as_str())).take(10).cloned().collect();
         Tally {
             sent: sent.accepted.len(),
             delivered,
@@ -142,6 +145,7 @@ impl Tally {
             lost: sent.accepted.len() - delivered,
             resent,
             altered,
+            lost_ids,
         }
     }
 
