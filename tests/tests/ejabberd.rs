@@ -87,11 +87,13 @@ impl Setup {
     }
 
     /// After the relay stopped: nothing left in the work queue (every job
-    /// was acked, none given back) and nothing parked.
+    /// was acked, none given back) and nothing parked. Then deletes the
+    /// test's queues.
     async fn nothing_left(&self) {
         let topology = self.broker.topology();
         assert_eq!(self.broker.ready(&topology.work_queue()).await, 0, "every job was acked");
         assert_eq!(self.broker.ready(&topology.dead_queue()).await, 0, "nothing was parked");
+        self.broker.cleanup_after_default_relay().await;
     }
 }
 
@@ -292,6 +294,7 @@ async fn messages_past_ejabberds_offline_limit_are_retried_then_parked() {
     assert_eq!((got.len(), distinct.len()), (100, 100), "the stored 100, each once");
 
     assert!(relay.terminate(ARRIVAL).await, "the relay stops cleanly");
+    setup.broker.cleanup(&[Duration::from_millis(100)]).await;
     drop(ingress);
 }
 
