@@ -66,11 +66,12 @@ impl LoginState {
 
 pub type Connector = Box<dyn FnMut(Option<String>, oneshot::Sender<Connection>) + Send + 'static>;
 
-/// How many connections a session's streams have asked their connectors
-/// for, the first and every reconnection, counted the moment they ask:
-/// before the connection exists, so before anything a server says on it
-/// (an `<sm:resumed/>` or `<sm:failed/>` with the count of stanzas it
-/// handled) can mark a stanza acknowledged.
+/// How many connections a session's connectors have handed to its streams,
+/// the first and every reconnection, counted just before each is handed
+/// over: before the stream reads anything on it, so before anything a
+/// server says on it (an `<sm:resumed/>` or `<sm:failed/>` with the count
+/// of stanzas it handled) can mark a stanza acknowledged. An ack read on
+/// the old connection just before it broke still finds the old count.
 #[derive(Debug, Clone, Default)]
 pub struct Connections(Arc<AtomicU64>);
 
@@ -79,14 +80,14 @@ impl Connections {
         self.0.load(Ordering::SeqCst)
     }
 
-    fn asked(&self) {
+    fn connected(&self) {
         self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 
 /// A connector for `StanzaStream::new` that logs in as `account`,
 /// publishes each attempt's outcome on `state` and counts each connection
-/// asked for on `connections`.
+/// it hands over on `connections`.
 pub fn connector(account: &Account, state: watch::Sender<LoginState>, connections: Connections) -> Connector {
     let dns = match &account.server {
         Some(server) => DnsConfig::NoSrv { host: server.host.clone(), port: server.port, resolver: None },
@@ -117,14 +118,13 @@ fn with<C: ServerConnector>(
     // When this stream last got a connection.
     let connected: Arc<Mutex<Option<Instant>>> = Arc::default();
     Box::new(move |_preferred_location, mut slot| {
-        connections.asked();
         let last = *connected.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let wait = match last {
             Some(at) if at.elapsed() >= RECONNECT_DELAY => reconnect_delay(),
             _ => Duration::ZERO,
         };
         let (server, jid, password, state) = (server.clone(), jid.clone(), password.clone(), state.clone());
-        let connected = Arc::clone(&connected);
+        let (connected, connections) = (Arc::clone(&connected), connections.clone());
         tokio::spawn(async move {
             tokio::select! {
                 () = slot.closed() => return,
@@ -137,6 +137,7 @@ fn with<C: ServerConnector>(
                     Ok(connection) => {
                         state.send_replace(LoginState::LoggedIn);
                         *connected.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+                        connections.connected();
                         if let Err(mut unused) = slot.send(connection) {
                             // The stanza stream is gone; close politely.
                             let close = <_ as futures::SinkExt<&tokio_xmpp::Stanza>>::close(&mut unused.stream);

@@ -781,8 +781,9 @@ async fn acked(token: &mut Option<StanzaToken>) {
 /// or when it cannot be (`<sm:failed h=…/>`), and Prosody 0.12 saves, when
 /// it stops, a count that covers the stanza it was reading and then drops
 /// that stanza. Such a job is retried (a duplicate if the server had it).
-/// `connections` counts a reconnection before the new connection exists,
-/// so it has changed by the time such an ack can arrive.
+/// `connections` counts a new connection before the stream reads anything
+/// on it, so it has changed by the time such an ack can arrive, and not yet
+/// when an ack read on the old connection just before it broke is seen.
 async fn confirmed(in_flight: InFlight, connections: &login::Connections) -> Result<(), DeliveryError> {
     let InFlight { mut token, connection, ping } = in_flight;
     let stage = if ping.is_some() { StanzaStage::Sent } else { StanzaStage::Acked };
