@@ -27,7 +27,7 @@ use tokio_xmpp::xmlstream::{StreamHeader, Timeouts};
 
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
-/// A stream that lost a connection it had for at least this long waits
+/// A stream that lost a connection it had for at least `ESTABLISHED` waits
 /// this long before it connects again, plus up to as long again at random.
 /// A server that is being stopped closes every stream (`system-shutdown`)
 /// and may still take new logins for a moment: ejabberd 23.01 did for a
@@ -36,6 +36,10 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 /// back. A connection lost sooner (a server that refused to resume the
 /// stream, see `Session::on_lost`) is made again at once.
 const RECONNECT_DELAY: Duration = Duration::from_secs(2);
+/// A connection that lasted this long was in use; one that a server closed
+/// sooner was refused (a resumption it could not grant ends within tens of
+/// milliseconds of the login).
+const ESTABLISHED: Duration = Duration::from_millis(250);
 
 /// Where the latest login attempt got to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +124,7 @@ fn with<C: ServerConnector>(
     Box::new(move |_preferred_location, mut slot| {
         let last = *connected.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let wait = match last {
-            Some(at) if at.elapsed() >= RECONNECT_DELAY => reconnect_delay(),
+            Some(at) if at.elapsed() >= ESTABLISHED => reconnect_delay(),
             _ => Duration::ZERO,
         };
         let (server, jid, password, state) = (server.clone(), jid.clone(), password.clone(), state.clone());
