@@ -163,11 +163,21 @@ pub struct PacedPublishing {
     pub failed: usize,
     /// Scheduled publish instant → confirm.
     pub latency: Option<crate::stats::Percentiles>,
+    /// Each confirmed publish's scheduled instant and its confirm.
+    pub confirms: Vec<(Instant, Instant)>,
+    /// The broker's disk meanwhile.
+    pub disk: crate::broker_disk::DiskEvents,
 }
 
 /// Publishes `payload` at `rate` per second for `duration`, open loop (each
 /// publish at its instant, whatever the confirms do), on one confirm channel.
-pub async fn paced(url: &str, payload: &[u8], rate: u32, duration: Duration) -> PacedPublishing {
+pub async fn paced(
+    url: &str,
+    payload: &[u8],
+    rate: u32,
+    duration: Duration,
+    wal_dir: Option<&std::path::Path>,
+) -> PacedPublishing {
     let connection = herald_shared::amqp::connect(url, "herald-bench publisher").await.expect("connect to the broker");
     let topology = Topology::new(format!("herald-bench-{}", uuid::Uuid::new_v4().simple()));
     let setup = connection.create_channel().await.expect("open a channel");
@@ -177,24 +187,27 @@ pub async fn paced(url: &str, payload: &[u8], rate: u32, duration: Duration) -> 
     let count = (f64::from(rate) * duration.as_secs_f64()).round() as usize;
     let period = Duration::from_secs(1) / rate.max(1);
     let first = Instant::now() + Duration::from_millis(50);
+    let disk = crate::broker_disk::Watch::start(wal_dir);
     let mut publishes = Vec::with_capacity(count);
     for i in 0..count {
         let scheduled = first + period * i as u32;
         tokio::time::sleep_until(scheduled.into()).await;
         let (channel, exchange, payload) = (channel.clone(), topology.exchange(), Arc::clone(&payload));
         publishes.push(tokio::spawn(async move {
-            publish(&channel, &exchange, &payload).await.then(|| scheduled.elapsed())
+            publish(&channel, &exchange, &payload).await.then(|| (scheduled, Instant::now()))
         }));
     }
-    let mut latencies = Vec::with_capacity(count);
+    let mut confirms = Vec::with_capacity(count);
     let mut failed = 0;
     for publish in publishes {
         match publish.await.expect("publish task") {
-            Some(latency) => latencies.push(latency),
+            Some(confirm) => confirms.push(confirm),
             None => failed += 1,
         }
     }
+    let disk = disk.stop();
     delete(&setup, &topology).await;
     drop(connection.close(200, "done".into()).await);
-    PacedPublishing { rate, sent: count, failed, latency: crate::stats::Percentiles::of(latencies) }
+    let latencies = confirms.iter().map(|(scheduled, confirmed)| *confirmed - *scheduled).collect();
+    PacedPublishing { rate, sent: count, failed, latency: crate::stats::Percentiles::of(latencies), confirms, disk }
 }

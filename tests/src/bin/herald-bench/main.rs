@@ -15,6 +15,8 @@
 //! 3. The whole path (ingress + relay + receiver): messages per second at the
 //!    receiver, in rounds alternating with 1's XMPP ceiling; then the latency
 //!    from POST to receipt at a fixed offered rate.
+//!    Both paced phases (the broker's and the whole path's) watch the local
+//!    broker's disk, to tell a late confirm of the broker's from Herald's.
 //! 4. Each service's peak resident memory (VmHWM).
 //! 5. Replicas: how long after one ingress replica's 202 a second one
 //!    knows the job, through the outcomes stream.
@@ -25,6 +27,7 @@
 mod arrivals;
 mod attack;
 mod broker_ceiling;
+mod broker_disk;
 mod floor;
 mod herald;
 mod http_load;
@@ -46,6 +49,7 @@ use machine::{CpuMeter, Watched};
 use options::Options;
 use report::{Attacked, CpuUse, EndToEnd, Paced, Results};
 use stats::Percentiles;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use xmpp_ceiling::Socket;
@@ -82,6 +86,7 @@ async fn main() {
 
     let mut broker = Broker::connect().await;
     broker.prefix = format!("herald-bench-{}", uuid::Uuid::new_v4().simple());
+    let wal_dir = broker_disk::wal_dir();
     let prosody = Arc::new(Prosody::start().await);
     let accounts = Accounts {
         direct: prosody.register("direct"),
@@ -158,7 +163,8 @@ async fn main() {
     cpu.push(("1a. broker headroom", meter.stop()));
     let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
     progress(&format!("1c. broker confirm floor: {} publishes/s for {:?}", options.rate, options.latency_time));
-    let broker_floor = broker_ceiling::paced(&broker.url, &payload, options.rate, options.latency_time).await;
+    let broker_floor =
+        broker_ceiling::paced(&broker.url, &payload, options.rate, options.latency_time, wal_dir.as_deref()).await;
     cpu.push(("1c. broker floor, paced", meter.stop()));
 
     // 2b. Cached clients posting at a fixed rate while wrong guesses
@@ -214,7 +220,7 @@ async fn main() {
     }
     let meter = CpuMeter::start(watched(&prosody, Some(&herald)));
     progress(&format!("3b. whole path: {} msg/s for {:?}", options.rate, options.latency_time));
-    let paced = paced(&target, &mut arrivals, &options).await;
+    let paced = paced(&target, &mut arrivals, &options, wal_dir.as_deref()).await;
     cpu.push(("3b. whole path, paced", meter.stop()));
 
     progress(&format!("5. replicas: {} jobs, each followed until a second ingress knows it", replicas::SAMPLES));
@@ -344,9 +350,11 @@ async fn end_to_end(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Opt
     }
 }
 
-async fn paced(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Options) -> Paced {
+async fn paced(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Options, wal_dir: Option<&Path>) -> Paced {
     arrivals.clear();
+    let disk = broker_disk::Watch::start(wal_dir);
     let load = http_load::open_loop(Arc::clone(target), options.rate, options.latency_time).await;
+    let disk = disk.stop();
     let matched = arrivals.wait_for(&load.ids(), options.idle_timeout).await;
     let latencies = load
         .accepted
@@ -361,6 +369,7 @@ async fn paced(target: &Arc<Target>, arrivals: &mut Arrivals, options: &Options)
         answer: Percentiles::of(load.answer_latencies()),
         achieved_rate: send_rate(&load),
         load,
+        disk,
     }
 }
 

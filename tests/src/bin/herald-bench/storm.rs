@@ -66,7 +66,7 @@ impl BrokerMemory {
     }
 }
 
-fn eval(expr: &str) -> Option<String> {
+pub fn eval(expr: &str) -> Option<String> {
     let out = Command::new("rabbitmqctl").args(["-q", "eval", expr]).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
