@@ -235,11 +235,13 @@ fn senders_rows(r: &Results, s: &Senders) -> Vec<Row> {
                 s.accepted, s.senders
             ),
             result: format!(
-                "**{:.0} msg/s** ({}/{} delivered, {lost} lost, {} duplicates; herald-ingress + herald-relay CPU {:.0} µs per message; {} of the {}-sender ceiling below)",
+                "**{:.0} msg/s** ({}/{} delivered, {lost} lost, {} duplicates; POSTs accepted at {:.0} req/s, POST → 202 {}; herald-ingress + herald-relay CPU {:.0} µs per message; {} of the {}-sender ceiling below)",
                 s.rate(),
                 s.delivered,
                 s.accepted,
                 s.duplicates,
+                s.posts_rate,
+                summary(s.answer),
                 s.herald_cpu * 1e6,
                 percent(s.rate() / s.direct.rate().max(1e-9)),
                 s.senders

@@ -307,6 +307,9 @@ pub struct Senders {
     pub delivered: usize,
     pub duplicates: usize,
     pub elapsed: Duration,
+    /// 202s per second in the measured run, and POST → 202.
+    pub posts_rate: f64,
+    pub answer: Option<Percentiles>,
     /// CPU use during the measured run.
     pub cpu: crate::report::CpuUse,
     /// Herald's CPU (ingress + relay) per delivered message in the measured
@@ -410,6 +413,8 @@ pub async fn senders(
         delivered: matched.arrived.len(),
         duplicates: matched.duplicates,
         elapsed: matched.last().map_or(Duration::ZERO, |last| last.saturating_duration_since(begin)),
+        posts_rate: load.rate(),
+        answer: Percentiles::of(load.answer_latencies()),
         cpu,
         herald_cpu,
         direct,
