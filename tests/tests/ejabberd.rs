@@ -11,6 +11,8 @@ use herald_tests::ejabberd::{Ejabberd, ROOMS};
 use herald_tests::stack::user_entry;
 use herald_tests::{Broker, Receiver, XmppAccount, admin, poll};
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_xmpp::parsers::message::MessageType;
 
@@ -97,6 +99,21 @@ impl Setup {
     }
 }
 
+/// The ingress, a relay sending as `sender` through `server`, ready, and
+/// `recipient` online to receive: (setup, ingress, relay, receiver).
+async fn start_relaying(
+    server: &Ejabberd,
+    sender: XmppAccount,
+    recipient: &XmppAccount,
+    extra: &[(&'static str, &str)],
+) -> (Setup, Service, Service, Receiver) {
+    let (setup, ingress) = Setup::new(server, sender).await;
+    let rx = Receiver::connect_to(server.plain_port, recipient).await;
+    let relay = setup.relay(server, extra);
+    setup.relay_ready().await;
+    (setup, ingress, relay, rx)
+}
+
 /// Receives until every text in `expected` arrived at least once, and
 /// returns how often each arrived.
 async fn receive_all(rx: &mut Receiver, sender: &str, expected: &[String]) -> HashMap<String, usize> {
@@ -119,10 +136,7 @@ async fn the_relay_delivers_through_ejabberd_over_required_starttls_and_across_i
     let mut server = Ejabberd::start(&["relay"]).await;
     let sender = server.register_as("relay");
     let recipient = server.register("ej-recipient");
-    let (setup, ingress) = Setup::new(&server, sender).await;
-    let mut rx = Receiver::connect_to(server.plain_port, &recipient).await;
-    let relay = setup.relay(&server, &[]);
-    setup.relay_ready().await;
+    let (setup, ingress, relay, mut rx) = start_relaying(&server, sender, &recipient, &[]).await;
 
     let first: Vec<String> = (0..50).map(|i| format!("ejabberd {i}")).collect();
     for text in &first {
@@ -160,38 +174,27 @@ async fn a_burst_across_an_ejabberd_restart_loses_nothing() {
     let mut server = Ejabberd::start(&["relay"]).await;
     let sender = server.register_as("relay");
     let recipient = server.register("ej-burst");
-    let (setup, ingress) = Setup::new(&server, sender).await;
-    let mut rx = Receiver::connect_to(server.plain_port, &recipient).await;
-    let relay = setup.relay(&server, &[]);
-    setup.relay_ready().await;
+    let (setup, ingress, relay, mut rx) = start_relaying(&server, sender, &recipient, &[]).await;
+    let setup = Arc::new(setup);
 
     // The burst: a post every 10 ms (the scenario's pace, for about 6 s),
     // in the background.
     let texts: Vec<String> = (0..BURST).map(|i| format!("across the restart {i}")).collect();
-    let posted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let posted = Arc::new(AtomicUsize::new(0));
     let burst = {
-        let (http, texts, posted) = (setup.http.clone(), texts.clone(), std::sync::Arc::clone(&posted));
-        let url = format!("http://127.0.0.1:{}/msg/{}", setup.env.ingress_port, recipient.jid);
-        let jid = setup.sender.jid.clone();
+        let (setup, texts, posted, to) =
+            (Arc::clone(&setup), texts.clone(), Arc::clone(&posted), recipient.jid.clone());
         tokio::spawn(async move {
             let mut pace = tokio::time::interval(Duration::from_millis(10));
             for text in texts {
                 pace.tick().await;
-                let response = http
-                    .post(&url)
-                    .basic_auth(&jid, Some("pw"))
-                    .header("content-type", "text/plain")
-                    .body(text.clone())
-                    .send()
-                    .await
-                    .expect("post");
-                assert_eq!(response.status(), 202, "{text}");
-                posted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                setup.post(&to, &text).await;
+                posted.fetch_add(1, Ordering::SeqCst);
             }
         })
     };
     poll::until("a quarter of the burst to be posted", ARRIVAL, || async {
-        (posted.load(std::sync::atomic::Ordering::SeqCst) >= BURST / 4).then_some(())
+        (posted.load(Ordering::SeqCst) >= BURST / 4).then_some(())
     })
     .await;
     server.stop_gracefully().await;
@@ -235,10 +238,8 @@ async fn a_server_that_reads_slowly_gets_each_message_once_without_retries() {
     let server = Ejabberd::start(&[]).await;
     let sender = server.register_as("shaped");
     let recipient = server.register("ej-recipient");
-    let (setup, ingress) = Setup::new(&server, sender).await;
-    let mut rx = Receiver::connect_to(server.plain_port, &recipient).await;
-    let relay = setup.relay(&server, &[("HERALD_ACK_TIMEOUT", "5s"), ("HERALD_SESSION_IDLE", "11s")]);
-    setup.relay_ready().await;
+    let extra = [("HERALD_ACK_TIMEOUT", "5s"), ("HERALD_SESSION_IDLE", "11s")];
+    let (setup, ingress, relay, mut rx) = start_relaying(&server, sender, &recipient, &extra).await;
     // The session opens for its first job.
     let opening = vec!["the session opens".to_owned()];
     setup.post(&recipient.jid, &opening[0]).await;
