@@ -13,13 +13,6 @@
 
 #[path = "../src/bin/herald-bench/broker_disk.rs"]
 mod broker_disk;
-/// What `broker_disk` asks of the bench's `storm` module.
-mod storm {
-    pub fn eval(expr: &str) -> Option<String> {
-        let out = std::process::Command::new("rabbitmqctl").args(["-q", "eval", expr]).output().ok()?;
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-}
 
 use futures::StreamExt;
 use herald_shared::Topology;

@@ -29,6 +29,13 @@ pub fn url() -> String {
     std::env::var("HERALD_TEST_AMQP_URL").unwrap_or_else(|_| DEFAULT_TEST_AMQP_URL.to_owned())
 }
 
+/// `rabbitmqctl -q eval <expr>` on this machine's broker: its output, or
+/// None if it cannot be run or fails (no local broker, not root).
+pub fn eval(expr: &str) -> Option<String> {
+    let out = std::process::Command::new("rabbitmqctl").args(["-q", "eval", expr]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A connection to the test broker, and the per-test topology prefix.
 pub struct Broker {
     pub url: String,

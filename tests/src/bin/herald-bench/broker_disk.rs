@@ -35,7 +35,7 @@ pub const AFTER_WAL_CHANGE: Duration = Duration::from_secs(1);
 
 /// Where the broker keeps its Ra WAL, asked of the local node.
 pub fn wal_dir() -> Option<PathBuf> {
-    let out = crate::storm::eval("maps:get(data_dir, maps:get(segment_writer, ra:overview(quorum_queues))).")?;
+    let out = herald_tests::broker::eval("maps:get(data_dir, maps:get(segment_writer, ra:overview(quorum_queues))).")?;
     let dir = PathBuf::from(out.trim().trim_matches('"'));
     dir.is_dir().then_some(dir)
 }

@@ -17,9 +17,9 @@ use crate::http_load::{self, Limit, Target};
 use crate::options::Options;
 use crate::stats::Percentiles;
 use crate::xmpp_ceiling::{self, Direct, Route};
+use herald_tests::broker::eval;
 use herald_tests::{Prosody, XmppAccount};
 use std::collections::HashSet;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,11 +64,6 @@ impl BrokerMemory {
             self.alarms.as_deref().unwrap_or("n/a")
         )
     }
-}
-
-pub fn eval(expr: &str) -> Option<String> {
-    let out = Command::new("rabbitmqctl").args(["-q", "eval", expr]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[derive(Debug)]
