@@ -226,8 +226,7 @@ impl Worker {
                     Ok(()) = stuck.changed() => {}
                     next = consumer.next(), if !paused => match next {
                         Some(Ok(delivery)) => {
-                            let (worker, acks) = (Arc::clone(&self), Arc::clone(&acks));
-                            tracker.spawn(async move { worker.handle_guarded(delivery, &acks).await });
+                            tracker.spawn(Arc::clone(&self).handle_guarded(delivery, Arc::clone(&acks)));
                         }
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "broker connection lost; reconnecting");
@@ -273,13 +272,25 @@ impl Worker {
     /// `handle`, with a panic (a bug) turned into a requeue: the job's tag
     /// must not stay unsettled forever, or batch acks would stop behind it
     /// and the relay would stall at its prefetch while reporting ready.
-    async fn handle_guarded(&self, delivery: lapin::message::Delivery, acks: &Acks) {
-        if AssertUnwindSafe(self.handle(&delivery, acks)).catch_unwind().await.is_err() {
-            let tag = delivery.delivery_tag;
-            tracing::error!(delivery_tag = tag, "handling a job panicked (a bug); returning it to the queue");
-            self.metrics.count(Outcome::Requeued);
-            if let Err(e) = acks.requeue(tag).await {
-                tracing::warn!(error = %e, "cannot requeue the delivery; it will be redelivered");
+    ///
+    /// The task of each job in flight (one per prefetched delivery). Not an
+    /// `async fn`: that keeps its arguments twice in its future (432 bytes
+    /// each for the delivery), and a spawning `async move` block around it
+    /// a third time; this future holds the delivery once.
+    #[expect(clippy::manual_async_fn, reason = "an async fn would hold the delivery twice")]
+    fn handle_guarded(
+        self: Arc<Self>,
+        delivery: lapin::message::Delivery,
+        acks: Arc<Acks>,
+    ) -> impl Future<Output = ()> + Send {
+        async move {
+            if AssertUnwindSafe(self.handle(&delivery, &acks)).catch_unwind().await.is_err() {
+                let tag = delivery.delivery_tag;
+                tracing::error!(delivery_tag = tag, "handling a job panicked (a bug); returning it to the queue");
+                self.metrics.count(Outcome::Requeued);
+                if let Err(e) = acks.requeue(tag).await {
+                    tracing::warn!(error = %e, "cannot requeue the delivery; it will be redelivered");
+                }
             }
         }
     }

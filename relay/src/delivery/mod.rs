@@ -261,7 +261,7 @@ impl Delivery {
                 self.max_stanza_bytes
             )));
         }
-        self.sessions.deliver(job.sender(), || xmpp::stanza::message(job), self.online_timeout).await
+        self.sessions.deliver(job.sender(), || Box::new(xmpp::stanza::message(job)), self.online_timeout).await
     }
 
     /// The next job that bounced after the server had acknowledged it, with

@@ -237,7 +237,10 @@ impl SessionHandle {
     /// Waits up to `online_timeout` for the session to be online first,
     /// unless the server has refused the login, which will not change by
     /// waiting. Every stage has a deadline.
-    pub async fn deliver(&self, message: Message, online_timeout: Duration) -> Result<(), DeliveryError> {
+    /// The message comes boxed, as the session's channel takes it: an
+    /// `async fn` keeps its arguments twice in its future, which lives as
+    /// long as the job is in flight.
+    pub async fn deliver(&self, message: Box<Message>, online_timeout: Duration) -> Result<(), DeliveryError> {
         let offline =
             || DeliveryError::SenderOffline(format!("XMPP session of {} is {}", self.jid, self.offline_reason()));
         if matches!(*self.login.borrow(), LoginState::Rejected(_)) && !self.is_online() {
@@ -250,9 +253,7 @@ impl SessionHandle {
             Err(_) => return Err(offline()),
         }
         let (reply, sent) = oneshot::channel();
-        match tokio::time::timeout(ENQUEUE_TIMEOUT, self.jobs.send(Outgoing { message: Box::new(message), reply }))
-            .await
-        {
+        match tokio::time::timeout(ENQUEUE_TIMEOUT, self.jobs.send(Outgoing { message, reply })).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(DeliveryError::SessionClosed),
             Err(_) => {

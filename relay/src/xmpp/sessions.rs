@@ -80,7 +80,7 @@ impl Sessions {
     pub async fn deliver(
         &self,
         sender: &Sender,
-        message: impl Fn() -> Message,
+        message: impl Fn() -> Box<Message>,
         online_timeout: Duration,
     ) -> Result<(), DeliveryError> {
         let slot = self
