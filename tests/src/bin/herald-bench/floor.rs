@@ -63,12 +63,24 @@ async fn answer(request: hyper::Request<Incoming>) -> Result<hyper::Response<Ful
     Ok(response)
 }
 
+/// This program's path. The bench rebuilds the workspace's binaries when it
+/// starts, itself among them when the tree changed: the running file is
+/// then replaced, and Linux names it `<path> (deleted)`, while the new
+/// build, from the same tree, is at `<path>`.
+fn this_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("this binary");
+    match exe.to_str().and_then(|path| path.strip_suffix(" (deleted)")) {
+        Some(rebuilt) => rebuilt.into(),
+        None => exe,
+    }
+}
+
 /// Starts the floor server, drives it as the ingress alone was driven (the
 /// same connections and requests, at the ingress's `rate`: a server
 /// answering faster batches more work per wake-up, and would cost less per
 /// request for that alone), and stops it.
 pub async fn http(target: &Target, options: &Options, rate: f64) -> HttpFloor {
-    let mut child = tokio::process::Command::new(std::env::current_exe().expect("this binary"))
+    let mut child = tokio::process::Command::new(this_binary())
         .env(SERVE_ENV, "1")
         .env("TOKIO_WORKER_THREADS", "2")
         .stdout(Stdio::piped())

@@ -245,19 +245,33 @@ pub async fn fanout(
 
 /// Posts an empty body as each of the target's users: the ingress checks
 /// (and caches) the password, then refuses the body. So the first messages
-/// that follow time the relay, not argon2.
+/// that follow time the relay, not argon2. A 503 (the password checks
+/// busy, as on a machine shared with a build) is retried after its
+/// `Retry-After`, as a client would, for a minute at most.
 async fn check_passwords(target: &Target, concurrency: usize) {
     use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let statuses: Vec<u16> = futures::stream::iter(&target.users)
         .map(|(user, password)| async move {
-            let response = target
-                .http
-                .post(&target.url)
-                .basic_auth(user, Some(password))
-                .header("content-type", "text/plain")
-                .send()
-                .await;
-            response.map_or(0, |r| r.status().as_u16())
+            loop {
+                let response = target
+                    .http
+                    .post(&target.url)
+                    .basic_auth(user, Some(password))
+                    .header("content-type", "text/plain")
+                    .send()
+                    .await;
+                let Ok(response) = response else { return 0 };
+                if response.status() != 503 || tokio::time::Instant::now() >= deadline {
+                    return response.status().as_u16();
+                }
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .unwrap_or(1);
+                tokio::time::sleep(Duration::from_secs(retry_after.min(5))).await;
+            }
         })
         .buffer_unordered(concurrency)
         .collect()
