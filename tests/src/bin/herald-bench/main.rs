@@ -259,6 +259,7 @@ async fn main() {
         let result = storm::senders(&route, &mut herald, &target, &mut arrivals, &options).await;
         cpu.push(result.cpu.clone());
         cpu.push(result.direct_cpu.clone());
+        cpu.push(result.one_in_flight_cpu.clone());
         Some(result)
     } else {
         None

@@ -16,7 +16,7 @@ use crate::herald::Herald;
 use crate::http_load::{self, Limit, Target};
 use crate::options::Options;
 use crate::stats::Percentiles;
-use crate::xmpp_ceiling::{self, Direct, Route};
+use crate::xmpp_ceiling::{self, Direct, Route, Turns};
 use herald_tests::broker::eval;
 use herald_tests::{Prosody, XmppAccount};
 use std::collections::HashSet;
@@ -325,10 +325,15 @@ pub struct Senders {
     /// run, seconds.
     pub herald_cpu: f64,
     /// The same messages sent straight to the XMPP server by a direct client
-    /// per sender, in turn (its ceiling for many senders), and the CPU use
-    /// meanwhile.
+    /// per sender, queued in turn (its ceiling for many senders, each
+    /// client writing its messages together), and the CPU use meanwhile.
     pub direct: Direct,
     pub direct_cpu: crate::report::CpuUse,
+    /// The same with one message in flight per client (every stanza alone
+    /// on its connection, as with one job per sender in the relay), and the
+    /// CPU use meanwhile.
+    pub one_in_flight: Direct,
+    pub one_in_flight_cpu: crate::report::CpuUse,
 }
 
 impl Senders {
@@ -341,8 +346,8 @@ impl Senders {
 /// user and a sender account for each, times the relay's start, sends each
 /// sender's first message, then `--e2e-messages` messages from all of them in
 /// turn, and the same number from a direct client per sender (the XMPP
-/// server's own ceiling for many senders). Leaves the services running with
-/// the senders configured.
+/// server's own ceilings for many senders: queued in turn, and one in
+/// flight each). Leaves the services running with the senders configured.
 pub async fn senders(
     route: &Route<'_>,
     herald: &mut Herald,
@@ -405,10 +410,22 @@ pub async fn senders(
     let sessions_after = sessions(herald.relay_metrics(&target.http).await);
     let relay_peak_rss_kib = herald.relay_pid().and_then(crate::machine::peak_rss_kib);
 
-    crate::progress(&format!("senders: XMPP ceiling, {messages} messages from {senders} direct clients in turn"));
+    crate::progress(&format!("senders: logging in {senders} direct clients"));
+    let mut streams = xmpp_ceiling::log_in_all(route, &accounts).await;
+    crate::progress(&format!(
+        "senders: XMPP ceiling, {messages} messages from {senders} direct clients in turn, queued"
+    ));
     let meter = crate::machine::CpuMeter::start(crate::watched(prosody, Some(herald)));
-    let direct = xmpp_ceiling::many_senders(route, &accounts, arrivals, messages).await;
-    let direct_cpu = ("1b. XMPP ceiling, senders in turn", meter.stop());
+    let direct = xmpp_ceiling::many_senders(route, &accounts, &mut streams, Turns::Queued, arrivals, messages).await;
+    let direct_cpu = ("1b. XMPP ceiling, senders in turn, queued", meter.stop());
+    crate::progress(&format!(
+        "senders: XMPP ceiling, {messages} messages from {senders} direct clients, one in flight each"
+    ));
+    let meter = crate::machine::CpuMeter::start(crate::watched(prosody, Some(herald)));
+    let one_in_flight =
+        xmpp_ceiling::many_senders(route, &accounts, &mut streams, Turns::OneInFlight, arrivals, messages).await;
+    let one_in_flight_cpu = ("1b. XMPP ceiling, senders one in flight each", meter.stop());
+    xmpp_ceiling::close_all(streams).await;
     Senders {
         senders,
         registered_in,
@@ -428,5 +445,7 @@ pub async fn senders(
         herald_cpu,
         direct,
         direct_cpu,
+        one_in_flight,
+        one_in_flight_cpu,
     }
 }

@@ -157,32 +157,81 @@ pub async fn paced(
     DirectPaced { socket, sent: count, received: matched.arrived.len(), latency: Percentiles::of(latencies) }
 }
 
-/// As fast as possible from many senders in turn: a direct client logged
-/// in for each of `senders` (at most [`LOGINS_AT_ONCE`] logins at a time,
-/// not timed), then message `i` sent by client `i % senders.len()`, each
-/// client asking for its own acks as the relay's sessions do. The ceiling
-/// that Herald's many-senders phase has on this XMPP server: every message
-/// comes on another connection, with an ack request and answer of its own.
-pub async fn many_senders(route: &Route<'_>, senders: &[XmppAccount], arrivals: &mut Arrivals, n: usize) -> Direct {
-    let mut streams: Vec<StanzaStream> = futures::stream::iter(senders)
+/// A direct client logged in for each of `senders` (at most
+/// [`LOGINS_AT_ONCE`] logins at a time, not timed), for the many-senders
+/// ceilings below.
+pub async fn log_in_all(route: &Route<'_>, senders: &[XmppAccount]) -> Vec<StanzaStream> {
+    futures::stream::iter(senders)
         .map(|sender| async move { connect(&Route { sender, ..*route }, Socket::AsRelay).await })
         .buffered(LOGINS_AT_ONCE)
         .collect()
-        .await;
-    let (messages, ids): (Vec<Message>, Vec<String>) =
-        (0..n).map(|i| message(&Route { sender: &senders[i % senders.len()], ..*route }, "many", i)).unzip();
+        .await
+}
+
+pub async fn close_all(streams: Vec<StanzaStream>) {
+    futures::future::join_all(streams.into_iter().map(close)).await;
+}
+
+/// How the many-senders ceilings hand each client its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turns {
+    /// Message `i` to client `i % senders` in one loop, as fast as the
+    /// streams take them: each client's stream has all its messages queued
+    /// before it writes, so it writes them together behind one ack request.
+    Queued,
+    /// Each client sends its next message once the server acked its last:
+    /// every stanza travels alone with an ack request and answer of its
+    /// own, as a relay's session does when it holds one job per sender.
+    OneInFlight,
+}
+
+/// As fast as possible from many senders (`streams`, logged in for
+/// `senders`), message `i` from sender `i % senders.len()`, each client
+/// asking for its own acks as the relay's sessions do, handed over as
+/// `turns` says: the ceilings that Herald's many-senders phase has on this
+/// XMPP server.
+pub async fn many_senders(
+    route: &Route<'_>,
+    senders: &[XmppAccount],
+    streams: &mut [StanzaStream],
+    turns: Turns,
+    arrivals: &mut Arrivals,
+    n: usize,
+) -> Direct {
+    let mut messages: Vec<Vec<Message>> = streams.iter().map(|_| Vec::new()).collect();
+    let mut ids = HashSet::with_capacity(n);
+    for i in 0..n {
+        let (message, id) = message(&Route { sender: &senders[i % senders.len()], ..*route }, "many", i);
+        messages[i % senders.len()].push(message);
+        ids.insert(id);
+    }
     arrivals.clear();
     let started = Instant::now();
-    let mut tokens: Vec<Vec<StanzaToken>> = streams.iter().map(|_| Vec::new()).collect();
-    for (i, message) in messages.into_iter().enumerate() {
-        let client = i % streams.len();
-        tokens[client].push(streams[client].send(Box::new(message.into())).await);
-    }
     let sender_cpu = SenderCpu::start();
-    futures::future::join_all(streams.iter_mut().zip(tokens).map(|(stream, tokens)| acks(stream, tokens))).await;
+    match turns {
+        Turns::Queued => {
+            let mut tokens: Vec<Vec<StanzaToken>> = streams.iter().map(|_| Vec::new()).collect();
+            let mut queues: Vec<_> = messages.into_iter().map(Vec::into_iter).collect();
+            for i in 0..n {
+                let client = i % streams.len();
+                let message = queues[client].next().expect("a message for each turn");
+                tokens[client].push(streams[client].send(Box::new(message.into())).await);
+            }
+            futures::future::join_all(streams.iter_mut().zip(tokens).map(|(stream, tokens)| acks(stream, tokens)))
+                .await;
+        }
+        Turns::OneInFlight => {
+            futures::future::join_all(streams.iter_mut().zip(messages).map(|(stream, messages)| async move {
+                for message in messages {
+                    let token = stream.send(Box::new(message.into())).await;
+                    acks(stream, vec![token]).await;
+                }
+            }))
+            .await;
+        }
+    }
     let cpu_per_send = sender_cpu.per_message(n);
-    let matched = arrivals.wait_for(&ids.into_iter().collect(), route.idle).await;
-    futures::future::join_all(streams.into_iter().map(close)).await;
+    let matched = arrivals.wait_for(&ids, route.idle).await;
     Direct {
         sent: n,
         received: matched.arrived.len(),
