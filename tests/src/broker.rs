@@ -139,6 +139,13 @@ impl Broker {
         self.publish_work(&job.encode(), properties).await;
     }
 
+    /// Publishes a job to the work queue with `headers` of anyone's
+    /// choosing, as a broken or hostile producer could.
+    pub async fn publish_job_with_headers(&self, job: &herald_shared::Job, headers: lapin::types::FieldTable) {
+        let properties = lapin::BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+        self.publish_work(&job.encode(), properties).await;
+    }
+
     /// Publishes raw bytes straight into `queue` (the default exchange).
     pub async fn publish_to(&self, queue: &str, payload: &[u8]) {
         let properties = lapin::BasicProperties::default().with_delivery_mode(2);

@@ -5,7 +5,7 @@
 use crate::ARRIVAL;
 use herald_shared::topology::headers;
 use herald_tests::broker::header_text;
-use herald_tests::{Receiver, Stack, StackOptions, poll};
+use herald_tests::{Receiver, Stack, StackOptions, admin, poll};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_input_is_refused_or_inert_and_the_stream_survives() {
@@ -86,6 +86,15 @@ async fn hostile_input_is_refused_or_inert_and_the_stream_survives() {
     stack.stop().await;
 }
 
+/// A chat job from the stack's sender to `account`, as an ingress builds
+/// it but with any body, for publishing straight to the queue.
+fn job(stack: &Stack, account: &herald_tests::XmppAccount, body: String) -> herald_shared::Job {
+    let sender = herald_shared::Sender::parse(&stack.sender.jid).expect("sender");
+    let to = herald_shared::Recipient::parse(&account.jid, sender.domain()).expect("recipient");
+    let body = herald_shared::Body::parse(body, usize::MAX).expect("body");
+    herald_shared::Job::new_v1(sender, to, herald_shared::MessageKind::Chat, body, None, None)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_over_the_servers_stanza_limit_is_parked_not_sent() {
     let stack = Stack::start(StackOptions::default()).await;
@@ -94,10 +103,7 @@ async fn a_job_over_the_servers_stanza_limit_is_parked_not_sent() {
     // Queued by something other than the ingress (or an ingress with a
     // larger HERALD_MAX_BODY_BYTES): 100 KiB of `&` is 500 KiB of XML, and
     // Prosody would close the stream over it on every attempt.
-    let sender = herald_shared::Sender::parse(&stack.sender.jid).expect("sender");
-    let to = herald_shared::Recipient::parse(&account.jid, sender.domain()).expect("recipient");
-    let body = herald_shared::Body::parse("&".repeat(100 * 1024), usize::MAX).expect("body");
-    let job = herald_shared::Job::new_v1(sender, to, herald_shared::MessageKind::Chat, body, None, None);
+    let job = job(&stack, &account, "&".repeat(100 * 1024));
     stack.broker.publish_job(&job, false).await;
     let dead = stack.broker.topology().dead_queue();
     poll::until("the job to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 1).then_some(()) })
@@ -109,6 +115,34 @@ async fn a_job_over_the_servers_stanza_limit_is_parked_not_sent() {
     let response = stack.post(&format!("/msg/{}", account.jid), Some("text/plain"), "goes on").await;
     assert_eq!(response.status(), 202);
     assert_eq!(rx.next(ARRIVAL).await.expect("arrives").body, "goes on", "and nothing else before it");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_attempt_count_is_delivered_once_and_acked() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let account = stack.prosody.register("counted");
+    let mut rx = Receiver::connect(&stack.prosody, &account).await;
+    // The attempt header is the relay's own, but anyone who can publish to
+    // the queue can set it: the largest count must not overflow when the
+    // delivery is recorded (a panic there requeues the job, over and over).
+    let job = job(&stack, &account, "counted".to_owned());
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(headers::ATTEMPT.into(), lapin::types::AMQPValue::LongLongInt(i64::MAX));
+    stack.broker.publish_job_with_headers(&job, headers).await;
+    assert_eq!(rx.next(ARRIVAL).await.expect("arrives").body, "counted");
+    let admin = stack.relay_admin_url.as_deref().expect("relay");
+    poll::until("the delivery to be counted", ARRIVAL, || async {
+        let metrics = admin::metrics(&stack.http, admin).await;
+        (admin::sample(&metrics, r#"herald_deliveries_total{outcome="delivered"}"#)? >= 1.0).then_some(())
+    })
+    .await;
+
+    let response = stack.post(&format!("/msg/{}", account.jid), Some("text/plain"), "goes on").await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(rx.next(ARRIVAL).await.expect("arrives").body, "goes on", "and no second copy before it");
+    let metrics = admin::metrics(&stack.http, admin).await;
+    assert_eq!(admin::sample(&metrics, "herald_redelivered_total"), Some(0.0), "{metrics}");
     stack.stop().await;
 }
 

@@ -184,13 +184,10 @@ impl Delivery {
                 self.outcomes.record(Record::Delivered {
                     id,
                     at_ms: now_ms(),
-                    attempts: incoming.attempts + 1,
+                    attempts: incoming.attempts.saturating_add(1),
                     idempotent: incoming.idempotent,
                 });
-                // Copies waiting for the claim are duplicates either way: if
-                // a bounce came in flight, this job's own retry or park
-                // carries it on.
-                claim.delivered(incoming.idempotent);
+                claim.remember(incoming.idempotent);
                 let record = Delivered {
                     to,
                     data: incoming.data.into(),
@@ -198,9 +195,16 @@ impl Delivery {
                     timestamp: incoming.timestamp,
                 };
                 match self.bounces.delivered(id, record) {
-                    None => Ok(()),
+                    None => {
+                        claim.delivered();
+                        Ok(())
+                    }
                     Some(bounce) => {
-                        self.seen.forget(id);
+                        // Not a delivery: a copy waiting for the claim (the
+                        // broker's redelivery after this attempt's channel
+                        // closed) must be sent, not acked as a duplicate,
+                        // or the job would be lost with the channel.
+                        claim.bounced();
                         Err(bounce_error(&bounce))
                     }
                 }

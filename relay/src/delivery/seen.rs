@@ -5,8 +5,9 @@
 //!   it (the broker redelivering it after a lost channel while the first
 //!   attempt still runs, or a duplicate in the queue) waits for the claim to
 //!   end instead of being acked blindly: if the first attempt delivered it,
-//!   the copy is a duplicate; if it failed, the copy takes over. A claim
-//!   ends when it is dropped, so a panicking attempt releases it too.
+//!   the copy is a duplicate; if it failed, or an error came back for it
+//!   before the server's ack, the copy takes over. A claim ends when it is
+//!   dropped, so a panicking attempt releases it too.
 //! - An idempotent job's id (posted with an `Idempotency-Key`, or a
 //!   notification) is remembered for the idempotency window once delivered
 //!   (at most [`CAPACITY`] ids), so a copy that arrives later is acked
@@ -54,13 +55,28 @@ pub struct Claim<'a> {
 }
 
 impl Claim<'_> {
-    /// The job was delivered: copies waiting for this claim are duplicates,
-    /// and so are later ones within the window if it is `idempotent`.
-    pub fn delivered(self, idempotent: bool) {
+    /// The job was delivered: if it is `idempotent`, later copies within the
+    /// window are duplicates. Called before the job can bounce after its
+    /// ack, since such a bounce forgets it.
+    pub fn remember(&self, idempotent: bool) {
         if idempotent {
             self.seen.delivered.insert(self.id, ());
         }
+    }
+
+    /// The job was delivered and no bounce came in flight: copies waiting
+    /// for this claim are duplicates.
+    pub fn delivered(self) {
         self.ended.send_replace(true);
+    }
+
+    /// An error came back for the job before the server's ack: it is
+    /// forgotten, and a copy waiting for this claim takes over. That copy is
+    /// the broker's redelivery after the attempt's channel closed, and the
+    /// attempt can then neither retry nor park its job (both need the
+    /// channel), so the copy is all that is left of it.
+    pub fn bounced(self) {
+        self.seen.forget(self.id);
     }
 }
 
@@ -139,7 +155,8 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!copy.is_finished(), "the copy waits while the first attempt runs");
-        claim.delivered(true);
+        claim.remember(true);
+        claim.delivered();
         assert!(copy.await.expect("task"), "delivered: the copy is a duplicate");
         assert!(matches!(seen.claim(id(1)).await, Claimed::Delivered), "and so is a later one");
     }
@@ -153,7 +170,8 @@ mod tests {
             async move { matches!(seen.claim(id(2)).await, Claimed::Delivered) }
         });
         tokio::task::yield_now().await;
-        claim.delivered(false);
+        claim.remember(false);
+        claim.delivered();
         assert!(copy.await.expect("task"), "the copy that waited is a duplicate");
         assert!(matches!(seen.claim(id(2)).await, Claimed::New(_)), "a later copy is sent: nothing kept");
     }
@@ -166,13 +184,31 @@ mod tests {
             let seen = Arc::clone(&seen);
             async move {
                 let Claimed::New(claim) = seen.claim(id(1)).await else { return false };
-                claim.delivered(true);
+                claim.remember(true);
+                claim.delivered();
                 true
             }
         });
         tokio::task::yield_now().await;
         drop(claim);
         assert!(copy.await.expect("task"), "the copy delivers it");
+    }
+
+    #[tokio::test]
+    async fn a_copy_takes_over_an_attempt_that_bounced_in_flight() {
+        let seen = Arc::new(Seen::new(Duration::from_secs(60)));
+        let Claimed::New(claim) = seen.claim(id(1)).await else { panic!("first claim") };
+        let copy = tokio::spawn({
+            let seen = Arc::clone(&seen);
+            async move { matches!(seen.claim(id(1)).await, Claimed::New(_)) }
+        });
+        tokio::task::yield_now().await;
+        claim.remember(true);
+        tokio::task::yield_now().await;
+        assert!(!copy.is_finished(), "the copy waits while the attempt waits for its ack");
+        claim.bounced();
+        assert!(copy.await.expect("task"), "the copy is sent, not acked as a duplicate");
+        assert!(matches!(seen.claim(id(1)).await, Claimed::New(_)), "nor is a later copy a duplicate");
     }
 
     #[tokio::test]
@@ -193,7 +229,8 @@ mod tests {
     async fn a_forgotten_id_is_sent_again() {
         let seen = Seen::new(Duration::from_secs(60));
         let Claimed::New(claim) = seen.claim(id(1)).await else { panic!("first claim") };
-        claim.delivered(true);
+        claim.remember(true);
+        claim.delivered();
         seen.forget(id(1));
         assert!(matches!(seen.claim(id(1)).await, Claimed::New(_)));
     }
@@ -203,7 +240,8 @@ mod tests {
         let seen = Seen::new(Duration::from_secs(3600));
         for n in 0..=CAPACITY as u128 {
             let Claimed::New(claim) = seen.claim(id(n)).await else { panic!("new") };
-            claim.delivered(true);
+            claim.remember(true);
+            claim.delivered();
         }
         assert!(matches!(seen.claim(id(1)).await, Claimed::Delivered), "all but the oldest are remembered");
         assert!(matches!(seen.claim(id(0)).await, Claimed::New(_)), "the oldest was forgotten");
