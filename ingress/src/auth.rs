@@ -69,15 +69,24 @@ pub struct Authenticator {
     /// Uncached checks running, by credentials: the same credentials
     /// arriving on many connections at once (a client starting up) wait
     /// for one check instead of each running argon2.
-    checking: Mutex<HashMap<CacheKey, tokio::sync::watch::Receiver<()>>>,
+    checking: Mutex<HashMap<CacheKey, tokio::sync::watch::Receiver<bool>>>,
 }
 
 /// One uncached check of some credentials; dropping it wakes the requests
-/// with the same credentials that wait for it.
+/// with the same credentials that wait for it. They read `true` if the
+/// check refused the credentials; `false` if it ended without a verdict
+/// (turned away as busy, throttled, or its client hung up before argon2
+/// ran), and then they check for themselves.
 struct Checking {
     auth: Arc<Authenticator>,
     key: CacheKey,
-    _done: tokio::sync::watch::Sender<()>,
+    refused: tokio::sync::watch::Sender<bool>,
+}
+
+impl Checking {
+    fn refuse(&self) {
+        self.refused.send_replace(true);
+    }
 }
 
 impl Drop for Checking {
@@ -191,18 +200,23 @@ impl Authenticator {
             return self.users().get(&jid).cloned().ok_or(Error::Unauthorized);
         }
         // The same credentials are being checked already: wait for that
-        // check, then for the cache (same password, same answer).
-        let checking = match self.begin_check(key) {
-            Ok(checking) => checking,
-            Err(mut done) => {
-                let wait = async { while done.changed().await.is_ok() {} };
-                if tokio::time::timeout(self.admission.retry_after(), wait).await.is_err() {
-                    return Err(Error::Overloaded(self.admission.retry_after().as_secs()));
+        // check, then for the cache (same password, same answer). A check
+        // that ended without a verdict says nothing of these credentials.
+        let checking = loop {
+            match self.begin_check(key) {
+                Ok(checking) => break checking,
+                Err(mut done) => {
+                    let wait = async { while done.changed().await.is_ok() {} };
+                    if tokio::time::timeout(self.admission.retry_after(), wait).await.is_err() {
+                        return Err(Error::Overloaded(self.admission.retry_after().as_secs()));
+                    }
+                    if self.cached(&key, &jid) {
+                        return self.users().get(&jid).cloned().ok_or(Error::Unauthorized);
+                    }
+                    if *done.borrow() {
+                        return Err(Error::Unauthorized);
+                    }
                 }
-                return match self.cached(&key, &jid) {
-                    true => self.users().get(&jid).cloned().ok_or(Error::Unauthorized),
-                    false => Err(Error::Unauthorized),
-                };
             }
         };
         let account = jid.to_string();
@@ -227,9 +241,12 @@ impl Authenticator {
         let checked_jid = jid.clone();
         let ok = tokio::task::spawn_blocking(move || {
             let _slot = slot;
-            let _checking = checking;
             let _running = this.metrics.password_check();
-            this.check_password(client, checked_jid, &account, &password, key)
+            let ok = this.check_password(client, checked_jid, &account, &password, key);
+            if !ok {
+                checking.refuse();
+            }
+            ok
         })
         .await
         .map_err(|e| Error::Internal(format!("password check panicked: {e}")))?;
@@ -261,14 +278,14 @@ impl Authenticator {
     /// one is running.
     /// Without a cache (a zero TTL) a waiter could not learn the outcome:
     /// every request checks for itself.
-    fn begin_check(self: &Arc<Self>, key: CacheKey) -> Result<Checking, tokio::sync::watch::Receiver<()>> {
+    fn begin_check(self: &Arc<Self>, key: CacheKey) -> Result<Checking, tokio::sync::watch::Receiver<bool>> {
         let mut checking = self.checking.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(done) = checking.get(&key).filter(|_| !self.ttl.is_zero()) {
             return Err(done.clone());
         }
-        let (done, waiting) = tokio::sync::watch::channel(());
+        let (refused, waiting) = tokio::sync::watch::channel(false);
         checking.insert(key, waiting);
-        Ok(Checking { auth: Arc::clone(self), key, _done: done })
+        Ok(Checking { auth: Arc::clone(self), key, refused })
     }
 
     fn refuse_if_throttled(&self, client: IpAddr, account: &str) -> Result<(), Error> {
@@ -443,6 +460,32 @@ mod tests {
         }
         assert_eq!(auth.metrics.password_checks_peak.get(), 1, "one argon2 check for all twenty");
         assert!(auth.checking.lock().expect("lock").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_login_waiting_for_a_check_that_ended_without_a_verdict_checks_for_itself() {
+        let auth = authenticator(Duration::from_secs(60));
+        let right = basic("a@example.com", "s3cret:with colon");
+        // Every slot taken: the first login waits for one.
+        let (one, two) = (auth.admission.admit(false).await, auth.admission.admit(false).await);
+        let mut first = Box::pin(auth.authenticate(&right, CLIENT));
+        assert!(futures::poll!(first.as_mut()).is_pending(), "the first waits for a slot");
+        let mut second = Box::pin(auth.authenticate(&right, CLIENT));
+        assert!(futures::poll!(second.as_mut()).is_pending(), "the second waits for the first's check");
+        // The first's client hangs up before its check ran.
+        drop(first);
+        drop((one, two));
+        second.await.expect("the second checks for itself and logs in, not a 401");
+        let wrong = basic("a@example.com", "wrong");
+        let (one, two) = (auth.admission.admit(false).await, auth.admission.admit(false).await);
+        let mut first = Box::pin(auth.authenticate(&wrong, CLIENT));
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        let mut second = Box::pin(auth.authenticate(&wrong, CLIENT));
+        assert!(futures::poll!(second.as_mut()).is_pending());
+        drop((one, two));
+        assert!(matches!(first.await, Err(Error::Unauthorized)));
+        assert!(matches!(second.await, Err(Error::Unauthorized)), "a refusal is shared");
+        assert_eq!(auth.metrics.password_checks_peak.get(), 1, "by one check");
     }
 
     #[tokio::test]

@@ -295,14 +295,28 @@ const DRAIN_BYTES: usize = 16 * 1024 * 1024;
 
 /// The body, read only once the request is authenticated (so an anonymous
 /// client cannot make the ingress buffer its uploads), up to `limit` bytes.
-/// An oversized body is refused with 413 after reading (and dropping) up to
-/// `DRAIN_BYTES` more of it; a client that stops sending gets 408 once
-/// `timeout` has passed since the body was first asked for.
+/// A compressed body is refused with 415, unread. An oversized one is
+/// refused with 413 after reading (and dropping) up to `DRAIN_BYTES` more
+/// of it, or at once if its declared length is over the
+/// limit and the client waits for `100 Continue` before sending it (reading
+/// would send that); a client that stops sending gets 408 once `timeout`
+/// has passed since the body was first asked for.
 async fn read_body(request: Request, limit: usize, timeout: Duration) -> Result<Bytes, Error> {
     use futures::StreamExt;
     let too_large = || Error::TooLarge(format!("the request body is over the limit of {limit} bytes"));
+    if let Some(coding) = request.headers().get(header::CONTENT_ENCODING)
+        && !coding.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(Error::UnsupportedMediaType(format!(
+            "Content-Encoding {} is not supported; send the body uncompressed",
+            String::from_utf8_lossy(coding.as_bytes())
+        )));
+    }
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit.saturating_add(DRAIN_BYTES)) {
+    let waits_to_send =
+        request.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let drained = if waits_to_send { 0 } else { DRAIN_BYTES };
+    if declared.is_some_and(|n| n > limit.saturating_add(drained)) {
         return Err(too_large());
     }
     let mut stream = request.into_body().into_data_stream();
@@ -440,6 +454,45 @@ mod tests {
 
     fn content_type(response: &Response) -> Option<&str> {
         response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+    }
+
+    #[tokio::test]
+    async fn a_body_declared_too_large_is_refused_before_100_continue() {
+        let never_sent = || {
+            Body::from_stream(futures::stream::poll_fn(|_| -> std::task::Poll<Option<Result<Bytes, std::io::Error>>> {
+                panic!("the body was asked for, so hyper would have answered 100 Continue")
+            }))
+        };
+        let request = Request::post("/msg/bob")
+            .header(header::CONTENT_LENGTH, "1000")
+            .header(header::EXPECT, "100-Continue")
+            .body(never_sent())
+            .expect("request");
+        let refused = read_body(request, 100, Duration::from_secs(5)).await;
+        assert!(matches!(refused, Err(Error::TooLarge(_))), "{refused:?}");
+        // Without the Expect header the client is sending it anyway: it is
+        // read (and dropped) so that the client reads the 413.
+        let request =
+            Request::post("/msg/bob").header(header::CONTENT_LENGTH, "1000").body(never_sent()).expect("request");
+        let read = tokio::spawn(read_body(request, 100, Duration::from_secs(5)));
+        assert!(read.await.expect_err("it reads the body").is_panic());
+    }
+
+    #[tokio::test]
+    async fn a_compressed_body_is_refused_unread() {
+        for coding in ["gzip", "br", "x-anything"] {
+            let request = Request::post("/msg/bob")
+                .header(header::CONTENT_ENCODING, coding)
+                .body(Body::from("not gzip at all"))
+                .expect("request");
+            let refused = read_body(request, 100, Duration::from_secs(5)).await;
+            assert!(matches!(&refused, Err(Error::UnsupportedMediaType(m)) if m.contains(coding)), "{refused:?}");
+        }
+        let request = Request::post("/msg/bob")
+            .header(header::CONTENT_ENCODING, "Identity")
+            .body(Body::from("hi"))
+            .expect("request");
+        assert_eq!(read_body(request, 100, Duration::from_secs(5)).await.expect("read"), "hi");
     }
 
     #[tokio::test]
