@@ -54,6 +54,13 @@ pub mod headers {
     /// Present (true) on a job whose id was derived from an idempotency key:
     /// a relay delivers such an id once within its idempotency window.
     pub const IDEMPOTENT: &str = "x-herald-idempotent";
+    /// Present (true) on the retry or parked copy of a job an error stanza
+    /// came back for: its delivery failed, so a relay that remembers the id
+    /// as delivered (it missed the record of the bounce) sends it anyway.
+    pub const BOUNCED: &str = "x-herald-bounced";
+    /// When an operator replayed a parked job, in milliseconds since the
+    /// Unix epoch; such a copy is sent whatever the relays remember.
+    pub const REPLAYED_AT: &str = "x-herald-replayed-at";
 }
 
 /// The names of every exchange and queue, under one prefix so that tests and

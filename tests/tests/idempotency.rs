@@ -1,11 +1,14 @@
 //! Idempotency: a repeated request with the same Idempotency-Key, or the
 //! same Alertmanager notification sent twice, becomes the same job id and
 //! one delivery; and a relay does not send an idempotent job twice even
-//! when the broker hands it the job twice (two ingress replicas).
+//! when the broker hands it the job twice (two ingress replicas), unless
+//! the second copy is one a relay made after the delivery bounced.
 
 use crate::{ALERTMANAGER, ARRIVAL};
+use herald_shared::topology::headers;
 use herald_tests::stack::user_entry;
-use herald_tests::{Receiver, Stack, StackOptions};
+use herald_tests::{Receiver, Stack, StackOptions, admin, poll};
+use lapin::types::{AMQPValue, FieldTable};
 use std::time::Duration;
 
 /// How long to watch for a second copy that must not come.
@@ -134,5 +137,34 @@ async fn the_relay_sends_an_idempotent_job_once_even_when_queued_twice() {
     assert!(got.len() == 2 || got.len() == 3, "{got:?}");
     assert_eq!(got.iter().filter(|b| *b == "from two replicas").count(), 1, "the idempotent job once: {got:?}");
     assert!(got.contains(&"plain".to_owned()), "{got:?}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_made_over_a_bounce_is_sent_though_its_id_was_delivered() {
+    let stack = Stack::start(StackOptions::default()).await;
+    let oncall = stack.prosody.register("oncall");
+    let mut rx = Receiver::connect(&stack.prosody, &oncall).await;
+    let job = stack.idempotent_job(&oncall.jid, "k", "bounced elsewhere");
+    stack.broker.publish_job(&job, true).await;
+    assert_eq!(rx.next(ARRIVAL).await.expect("delivered").body, "bounced elsewhere");
+    // A second copy, as a second ingress replica would queue it: acked as
+    // a duplicate.
+    stack.broker.publish_job(&job, true).await;
+    let admin = stack.relay_admin_url.as_deref().expect("relay");
+    poll::until("the second copy to be acked as a duplicate", ARRIVAL, || async {
+        let metrics = admin::metrics(&stack.http, admin).await;
+        (admin::sample(&metrics, r#"herald_deliveries_total{outcome="duplicate"}"#)? >= 1.0).then_some(())
+    })
+    .await;
+    // The retry copy another relay made when the recipient's server bounced
+    // the message, here before that relay's record of the bounce (or with
+    // the record lost): its delivery failed, so it is sent.
+    let mut marked = FieldTable::default();
+    marked.insert(headers::IDEMPOTENT.into(), AMQPValue::Boolean(true));
+    marked.insert(headers::BOUNCED.into(), AMQPValue::Boolean(true));
+    marked.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(1));
+    stack.broker.publish_job_with_headers(&job, marked).await;
+    assert_eq!(rx.next(ARRIVAL).await.expect("sent again").body, "bounced elsewhere");
     stack.stop().await;
 }

@@ -93,6 +93,8 @@ impl Worker {
             attempts: properties::header_u32(properties, headers::ATTEMPT),
             timestamp: *properties.timestamp(),
             idempotent: properties::has_header(properties, headers::IDEMPOTENT),
+            resend: properties::has_header(properties, headers::BOUNCED)
+                || properties::has_header(properties, headers::REPLAYED_AT),
         };
         let settlement = self.delivery.settle(incoming).await;
         if settlement == Settlement::Ack {
@@ -132,12 +134,12 @@ impl Worker {
         loop {
             let published = match settlement {
                 Settlement::Ack => return true,
-                Settlement::Retry { delay, attempt, reason } => {
-                    let properties = properties::retry(original, *delay, *attempt, reason);
+                Settlement::Retry { delay, attempt, reason, bounced } => {
+                    let properties = properties::retry(original, *delay, *attempt, reason, *bounced);
                     self.publisher.publish("", &self.topology.retry_queue(*delay), data, properties).await
                 }
-                Settlement::Park { attempts, reason } => {
-                    let properties = properties::parked(original, *attempts, reason);
+                Settlement::Park { attempts, reason, bounced } => {
+                    let properties = properties::parked(original, *attempts, reason, *bounced);
                     self.publisher.publish("", &self.topology.dead_queue(), data, properties).await
                 }
             };
@@ -329,10 +331,10 @@ fn log_settled(id: Option<&str>, settlement: &Settlement, topology: &Topology) {
         Settlement::Ack => {}
         // Logged by the delivery stage, summarised per sender: an outage
         // would otherwise log a line per job per retry.
-        Settlement::Retry { delay, attempt, reason } => {
+        Settlement::Retry { delay, attempt, reason, .. } => {
             tracing::debug!(?id, attempt, ?delay, %reason, "retry scheduled");
         }
-        Settlement::Park { attempts, reason } => {
+        Settlement::Park { attempts, reason, .. } => {
             tracing::warn!(?id, attempts, %reason, "parking the job in {}", topology.dead_queue());
         }
     }

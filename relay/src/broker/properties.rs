@@ -22,8 +22,14 @@ pub fn rebuilt(id: &str, timestamp: Option<u64>) -> BasicProperties {
 
 /// A retry copy: the attempt count and reason, and a jittered expiration
 /// within the delay queue's TTL.
-pub fn retry(original: &BasicProperties, delay: Duration, attempt: u32, reason: &str) -> BasicProperties {
-    let mut table = carried_headers(original);
+pub fn retry(
+    original: &BasicProperties,
+    delay: Duration,
+    attempt: u32,
+    reason: &str,
+    bounced: bool,
+) -> BasicProperties {
+    let mut table = carried_headers(original, bounced);
     table.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempt));
     table.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
     let expiration = retry::jittered(delay).as_millis().to_string();
@@ -31,8 +37,8 @@ pub fn retry(original: &BasicProperties, delay: Duration, attempt: u32, reason: 
 }
 
 /// A parked copy: the attempt count, reason and when.
-pub fn parked(original: &BasicProperties, attempts: u32, reason: &str) -> BasicProperties {
-    let mut table = carried_headers(original);
+pub fn parked(original: &BasicProperties, attempts: u32, reason: &str, bounced: bool) -> BasicProperties {
+    let mut table = carried_headers(original, bounced);
     table.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempts));
     table.insert(headers::REASON.into(), AMQPValue::LongString(reason.into()));
     table.insert(headers::PARKED_AT.into(), AMQPValue::Timestamp(herald_shared::job::now_ms()));
@@ -48,7 +54,7 @@ pub fn replayed(parked: &BasicProperties) -> BasicProperties {
             table.insert(k.clone(), v.clone());
         }
     }
-    table.insert("x-herald-replayed-at".into(), AMQPValue::Timestamp(herald_shared::job::now_ms()));
+    table.insert(headers::REPLAYED_AT.into(), AMQPValue::Timestamp(herald_shared::job::now_ms()));
     copy_properties(parked).with_headers(table)
 }
 
@@ -68,13 +74,17 @@ fn copy_properties(p: &BasicProperties) -> BasicProperties {
 }
 
 /// Headers to keep on a republished job, without the broker's own `x-death`
-/// bookkeeping (it would grow with every retry).
-fn carried_headers(p: &BasicProperties) -> FieldTable {
+/// bookkeeping (it would grow with every retry); marked `x-herald-bounced`
+/// if it is republished over a bounce (and kept so on later retries).
+fn carried_headers(p: &BasicProperties, bounced: bool) -> FieldTable {
     let mut table = FieldTable::default();
     for (k, v) in headers_of(p) {
         if !is_death_record(k.as_str()) {
             table.insert(k.clone(), v.clone());
         }
+    }
+    if bounced {
+        table.insert(headers::BOUNCED.into(), AMQPValue::Boolean(true));
     }
     table
 }
@@ -147,14 +157,25 @@ mod tests {
         t.insert("x-first-death-reason".into(), AMQPValue::LongString("expired".into()));
         t.insert(headers::IDEMPOTENT.into(), AMQPValue::Boolean(true));
         let original = BasicProperties::default().with_headers(t).with_message_id("id".into());
-        let retried = retry(&original, Duration::from_secs(1), 2, "why");
+        let retried = retry(&original, Duration::from_secs(1), 2, "why", false);
         let h = retried.headers().clone().expect("headers");
         assert!(!h.inner().contains_key(&ShortString::from("x-death")));
         assert!(!h.inner().contains_key(&ShortString::from("x-first-death-reason")));
         assert!(h.inner().contains_key(&ShortString::from(headers::IDEMPOTENT)));
         assert_eq!(header_u32(&retried, headers::ATTEMPT), 2);
-        let replay = replayed(&parked(&original, 3, "why"));
+        assert!(!has_header(&retried, headers::BOUNCED));
+        let replay = replayed(&parked(&original, 3, "why", false));
         assert_eq!(header(&replay, headers::ATTEMPT), None, "a replay starts afresh");
         assert_eq!(replay.message_id().as_ref().map(ToString::to_string).as_deref(), Some("id"));
+        assert!(has_header(&replay, headers::REPLAYED_AT));
+    }
+
+    #[test]
+    fn a_copy_made_over_a_bounce_is_marked_and_stays_marked() {
+        let original = BasicProperties::default().with_message_id("id".into());
+        let bounced = retry(&original, Duration::from_secs(1), 1, "bounced", true);
+        assert!(has_header(&bounced, headers::BOUNCED));
+        assert!(has_header(&retry(&bounced, Duration::from_secs(5), 2, "timeout", false), headers::BOUNCED));
+        assert!(has_header(&parked(&original, 1, "bounced", true), headers::BOUNCED));
     }
 }

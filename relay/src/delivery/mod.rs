@@ -36,9 +36,24 @@ pub enum Settlement {
     /// delivered already: ack it.
     Ack,
     /// Try again after `delay`, as attempt number `attempt`.
-    Retry { delay: Duration, attempt: u32, reason: String },
+    Retry { delay: Duration, attempt: u32, reason: String, bounced: bool },
     /// Park it in the dead queue for an operator.
-    Park { attempts: u32, reason: String },
+    Park { attempts: u32, reason: String, bounced: bool },
+}
+
+impl Settlement {
+    /// The same settlement, for a job an error stanza came back for: its
+    /// copy is marked (`x-herald-bounced`) so that no relay takes it for a
+    /// duplicate of the delivery that failed.
+    fn of_bounce(self) -> Self {
+        match self {
+            Settlement::Retry { delay, attempt, reason, .. } => {
+                Settlement::Retry { delay, attempt, reason, bounced: true }
+            }
+            Settlement::Park { attempts, reason, .. } => Settlement::Park { attempts, reason, bounced: true },
+            Settlement::Ack => Settlement::Ack,
+        }
+    }
 }
 
 /// A job as the broker hands it over.
@@ -52,6 +67,11 @@ pub struct Incoming<'a> {
     /// Its id came from an idempotency key (`x-herald-idempotent`): the
     /// relay remembers it once delivered.
     pub idempotent: bool,
+    /// A copy of a job whose delivery failed after all (`x-herald-bounced`),
+    /// or one an operator replayed (`x-herald-replayed-at`): sent even if
+    /// its id is remembered as delivered, whoever's record of the bounce
+    /// or the park this relay has missed.
+    pub resend: bool,
 }
 
 /// A job the XMPP server had acknowledged, then bounced by its recipient
@@ -131,14 +151,14 @@ impl Delivery {
         let at_ms = now_ms();
         let record = match settlement {
             Settlement::Ack => return,
-            Settlement::Retry { delay, attempt, reason } => Record::Retrying {
+            Settlement::Retry { delay, attempt, reason, .. } => Record::Retrying {
                 id,
                 at_ms,
                 attempt: *attempt,
                 next_at_ms: at_ms + delay.as_millis() as u64,
                 reason: outcomes::reason(reason),
             },
-            Settlement::Park { attempts, reason } => {
+            Settlement::Park { attempts, reason, .. } => {
                 Record::Parked { id, at_ms, attempts: *attempts, reason: outcomes::reason(reason) }
             }
         };
@@ -166,7 +186,7 @@ impl Delivery {
         };
         let Job::V1(v1) = &job;
         let (id, to, accepted_at_ms) = (v1.id, v1.to.jid().clone(), v1.accepted_at_ms);
-        let claim = match self.seen.claim(id).await {
+        let claim = match self.seen.claim(id, incoming.resend).await {
             Claimed::New(claim) => claim,
             Claimed::Delivered => {
                 tracing::debug!(%id, "delivered already; acked without sending it again");
@@ -205,7 +225,7 @@ impl Delivery {
                         // closed) must be sent, not acked as a duplicate,
                         // or the job would be lost with the channel.
                         claim.bounced();
-                        Err(bounce_error(&bounce))
+                        Err((bounce_error(&bounce), true))
                     }
                 }
             }
@@ -213,7 +233,7 @@ impl Delivery {
                 self.bounces.forget(id);
                 // A copy waiting for this claim may take over from here.
                 drop(claim);
-                Err(e)
+                Err((e, false))
             }
         };
         match outcome {
@@ -224,9 +244,10 @@ impl Delivery {
                 self.metrics.delivery_latency.observe(millis as f64 / 1000.0);
                 Settlement::Ack
             }
-            Err(error) => {
+            Err((error, bounced)) => {
                 let age = Duration::from_millis(now_ms().saturating_sub(accepted_at_ms));
                 let settlement = self.policy.after(&error, incoming.attempts, age);
+                let settlement = if bounced { settlement.of_bounce() } else { settlement };
                 if let Settlement::Retry { attempt, .. } = &settlement {
                     self.log_retry(job.sender(), *attempt, &error);
                 }
@@ -292,7 +313,7 @@ impl Delivery {
                     continue;
                 }
             };
-            let settlement = self.policy.after(&bounce_error(&bounce), job.attempts, Duration::ZERO);
+            let settlement = self.policy.after(&bounce_error(&bounce), job.attempts, Duration::ZERO).of_bounce();
             if let Ok(id) = uuid::Uuid::parse_str(&bounce.id) {
                 self.seen.forget(id);
                 self.record(id, &settlement);

@@ -23,31 +23,39 @@ impl Policy {
         let attempt = attempts_so_far.saturating_add(1);
         let reason = error.to_string();
         match error {
-            DeliveryError::Permanent(reason) => Settlement::Park { attempts: attempt, reason: reason.clone() },
+            DeliveryError::Permanent(reason) => {
+                Settlement::Park { attempts: attempt, reason: reason.clone(), bounced: false }
+            }
             DeliveryError::Transient(last) => match self.delays.get(attempts_so_far as usize) {
-                Some(delay) => Settlement::Retry { delay: *delay, attempt, reason },
+                Some(delay) => Settlement::Retry { delay: *delay, attempt, reason, bounced: false },
                 None => Settlement::Park {
                     attempts: attempt,
                     reason: format!("gave up after {attempt} attempts; last error: {last}"),
+                    bounced: false,
                 },
             },
             // Nothing is wrong with the job: its sender's session is down. It
             // waits out the outage at the schedule's longest step instead of
             // being parked, so an outage needs no replay afterwards.
             DeliveryError::SenderOffline(_) => match self.delays.get(attempts_so_far as usize).or(self.delays.last()) {
-                Some(delay) => Settlement::Retry { delay: *delay, attempt, reason },
-                None => Settlement::Park { attempts: attempt, reason: format!("retries are disabled; {reason}") },
+                Some(delay) => Settlement::Retry { delay: *delay, attempt, reason, bounced: false },
+                None => Settlement::Park {
+                    attempts: attempt,
+                    reason: format!("retries are disabled; {reason}"),
+                    bounced: false,
+                },
             },
             // Another replica may hold the account (a rolling change of the
             // accounts file): give it back, without counting an attempt,
             // until the grace period is over.
             DeliveryError::NoAccount(why) if age < self.unknown_sender_grace => match self.delays.first() {
-                Some(delay) => Settlement::Retry { delay: *delay, attempt: attempts_so_far, reason },
-                None => Settlement::Park { attempts: attempt, reason: why.clone() },
+                Some(delay) => Settlement::Retry { delay: *delay, attempt: attempts_so_far, reason, bounced: false },
+                None => Settlement::Park { attempts: attempt, reason: why.clone(), bounced: false },
             },
             DeliveryError::NoAccount(why) => Settlement::Park {
                 attempts: attempt,
                 reason: format!("{why}, and no relay took the job within {:?}", self.unknown_sender_grace),
+                bounced: false,
             },
             // The session pool hands such a job to a new session; should one
             // get here, it is an ordinary transient failure.
@@ -88,7 +96,7 @@ mod tests {
         assert!(retry(1, 1)(&p.after(&e, 0, NEW)));
         assert!(retry(5, 2)(&p.after(&e, 1, NEW)));
         assert!(
-            matches!(p.after(&e, 2, NEW), Settlement::Park { attempts: 3, reason } if reason.contains("3 attempts") && reason.contains("timeout"))
+            matches!(p.after(&e, 2, NEW), Settlement::Park { attempts: 3, reason, .. } if reason.contains("3 attempts") && reason.contains("timeout"))
         );
         // A forged x-herald-attempt header cannot overflow the count.
         assert!(
@@ -107,7 +115,7 @@ mod tests {
     #[test]
     fn permanent_failures_park_at_once() {
         let e = DeliveryError::Permanent("bad".into());
-        assert!(matches!(policy().after(&e, 0, NEW), Settlement::Park { attempts: 1, reason } if reason == "bad"));
+        assert!(matches!(policy().after(&e, 0, NEW), Settlement::Park { attempts: 1, reason, .. } if reason == "bad"));
     }
 
     #[test]

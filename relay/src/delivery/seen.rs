@@ -97,13 +97,16 @@ impl Seen {
     }
 
     /// Claims `id` for delivery, waiting first for any claim on it in force.
-    pub async fn claim(&self, id: Uuid) -> Claimed<'_> {
+    /// A `resend` is claimed even if `id` is remembered as delivered; like
+    /// any copy it waits for an attempt in flight, and is a duplicate if
+    /// that attempt delivers.
+    pub async fn claim(&self, id: Uuid, resend: bool) -> Claimed<'_> {
         loop {
             let mut ended = {
                 let mut claims = self.lock();
-                // Checked under the lock: `Claim::delivered` records the id
+                // Checked under the lock: `Claim::remember` records the id
                 // before its drop removes the claim.
-                if self.delivered.get(&id).is_some() {
+                if !resend && self.delivered.get(&id).is_some() {
                     return Claimed::Delivered;
                 }
                 match claims.get(&id) {
@@ -148,42 +151,42 @@ mod tests {
     #[tokio::test]
     async fn a_copy_waits_for_the_claim_and_is_a_duplicate_if_it_was_delivered() {
         let seen = Arc::new(Seen::new(Duration::from_secs(60)));
-        let Claimed::New(claim) = seen.claim(id(1)).await else { panic!("first claim") };
+        let Claimed::New(claim) = seen.claim(id(1), false).await else { panic!("first claim") };
         let copy = tokio::spawn({
             let seen = Arc::clone(&seen);
-            async move { matches!(seen.claim(id(1)).await, Claimed::Delivered) }
+            async move { matches!(seen.claim(id(1), false).await, Claimed::Delivered) }
         });
         tokio::task::yield_now().await;
         assert!(!copy.is_finished(), "the copy waits while the first attempt runs");
         claim.remember(true);
         claim.delivered();
         assert!(copy.await.expect("task"), "delivered: the copy is a duplicate");
-        assert!(matches!(seen.claim(id(1)).await, Claimed::Delivered), "and so is a later one");
+        assert!(matches!(seen.claim(id(1), false).await, Claimed::Delivered), "and so is a later one");
     }
 
     #[tokio::test]
     async fn a_plain_job_is_a_duplicate_while_claimed_and_forgotten_after() {
         let seen = Arc::new(Seen::new(Duration::from_secs(60)));
-        let Claimed::New(claim) = seen.claim(id(2)).await else { panic!("first claim") };
+        let Claimed::New(claim) = seen.claim(id(2), false).await else { panic!("first claim") };
         let copy = tokio::spawn({
             let seen = Arc::clone(&seen);
-            async move { matches!(seen.claim(id(2)).await, Claimed::Delivered) }
+            async move { matches!(seen.claim(id(2), false).await, Claimed::Delivered) }
         });
         tokio::task::yield_now().await;
         claim.remember(false);
         claim.delivered();
         assert!(copy.await.expect("task"), "the copy that waited is a duplicate");
-        assert!(matches!(seen.claim(id(2)).await, Claimed::New(_)), "a later copy is sent: nothing kept");
+        assert!(matches!(seen.claim(id(2), false).await, Claimed::New(_)), "a later copy is sent: nothing kept");
     }
 
     #[tokio::test]
     async fn a_copy_takes_over_a_claim_that_ended_without_delivery() {
         let seen = Arc::new(Seen::new(Duration::from_secs(60)));
-        let Claimed::New(claim) = seen.claim(id(1)).await else { panic!("first claim") };
+        let Claimed::New(claim) = seen.claim(id(1), false).await else { panic!("first claim") };
         let copy = tokio::spawn({
             let seen = Arc::clone(&seen);
             async move {
-                let Claimed::New(claim) = seen.claim(id(1)).await else { return false };
+                let Claimed::New(claim) = seen.claim(id(1), false).await else { return false };
                 claim.remember(true);
                 claim.delivered();
                 true
@@ -197,10 +200,10 @@ mod tests {
     #[tokio::test]
     async fn a_copy_takes_over_an_attempt_that_bounced_in_flight() {
         let seen = Arc::new(Seen::new(Duration::from_secs(60)));
-        let Claimed::New(claim) = seen.claim(id(1)).await else { panic!("first claim") };
+        let Claimed::New(claim) = seen.claim(id(1), false).await else { panic!("first claim") };
         let copy = tokio::spawn({
             let seen = Arc::clone(&seen);
-            async move { matches!(seen.claim(id(1)).await, Claimed::New(_)) }
+            async move { matches!(seen.claim(id(1), false).await, Claimed::New(_)) }
         });
         tokio::task::yield_now().await;
         claim.remember(true);
@@ -208,7 +211,26 @@ mod tests {
         assert!(!copy.is_finished(), "the copy waits while the attempt waits for its ack");
         claim.bounced();
         assert!(copy.await.expect("task"), "the copy is sent, not acked as a duplicate");
-        assert!(matches!(seen.claim(id(1)).await, Claimed::New(_)), "nor is a later copy a duplicate");
+        assert!(matches!(seen.claim(id(1), false).await, Claimed::New(_)), "nor is a later copy a duplicate");
+    }
+
+    #[tokio::test]
+    async fn a_resend_is_sent_though_remembered_but_is_a_duplicate_of_an_attempt_that_delivers() {
+        let seen = Arc::new(Seen::new(Duration::from_secs(60)));
+        let Claimed::New(claim) = seen.claim(id(1), false).await else { panic!("first claim") };
+        claim.remember(true);
+        claim.delivered();
+        assert!(matches!(seen.claim(id(1), false).await, Claimed::Delivered), "an ordinary copy is a duplicate");
+        let Claimed::New(claim) = seen.claim(id(1), true).await else { panic!("a resend is sent") };
+        let waiting = tokio::spawn({
+            let seen = Arc::clone(&seen);
+            async move { matches!(seen.claim(id(1), true).await, Claimed::Delivered) }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "another copy waits for the resend in flight");
+        claim.remember(true);
+        claim.delivered();
+        assert!(waiting.await.expect("task"), "and is a duplicate once it delivered");
     }
 
     #[tokio::test]
@@ -217,33 +239,33 @@ mod tests {
         let attempt = tokio::spawn({
             let seen = Arc::clone(&seen);
             async move {
-                let _claim = seen.claim(id(1)).await;
+                let _claim = seen.claim(id(1), false).await;
                 panic!("a bug");
             }
         });
         assert!(attempt.await.is_err());
-        assert!(matches!(seen.claim(id(1)).await, Claimed::New(_)));
+        assert!(matches!(seen.claim(id(1), false).await, Claimed::New(_)));
     }
 
     #[tokio::test]
     async fn a_forgotten_id_is_sent_again() {
         let seen = Seen::new(Duration::from_secs(60));
-        let Claimed::New(claim) = seen.claim(id(1)).await else { panic!("first claim") };
+        let Claimed::New(claim) = seen.claim(id(1), false).await else { panic!("first claim") };
         claim.remember(true);
         claim.delivered();
         seen.forget(id(1));
-        assert!(matches!(seen.claim(id(1)).await, Claimed::New(_)));
+        assert!(matches!(seen.claim(id(1), false).await, Claimed::New(_)));
     }
 
     #[tokio::test]
     async fn remembers_at_most_capacity() {
         let seen = Seen::new(Duration::from_secs(3600));
         for n in 0..=CAPACITY as u128 {
-            let Claimed::New(claim) = seen.claim(id(n)).await else { panic!("new") };
+            let Claimed::New(claim) = seen.claim(id(n), false).await else { panic!("new") };
             claim.remember(true);
             claim.delivered();
         }
-        assert!(matches!(seen.claim(id(1)).await, Claimed::Delivered), "all but the oldest are remembered");
-        assert!(matches!(seen.claim(id(0)).await, Claimed::New(_)), "the oldest was forgotten");
+        assert!(matches!(seen.claim(id(1), false).await, Claimed::Delivered), "all but the oldest are remembered");
+        assert!(matches!(seen.claim(id(0), false).await, Claimed::New(_)), "the oldest was forgotten");
     }
 }
