@@ -128,9 +128,26 @@ impl Recipient {
 impl TryFrom<String> for Recipient {
     type Error = ValidationError;
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        Jid::new(&value)
+        let jid = without_final_dot(&value);
+        if jid.split('/').next().is_some_and(|bare| bare.ends_with('.')) {
+            return Err(ValidationError::InvalidRecipient { input: value, reason: "empty domain label".into() });
+        }
+        Jid::new(&jid)
             .map(Recipient)
             .map_err(|e| ValidationError::InvalidRecipient { input: value, reason: e.to_string() })
+    }
+}
+
+/// `bob@example.com.` is `bob@example.com`: RFC 7622 (3.2) has the final
+/// dot of a domainpart stripped before a JID is compared or used, and the
+/// `jid` crate checks the domain without it but keeps it, so the two
+/// spellings would be two recipients (and two messages).
+fn without_final_dot(jid: &str) -> std::borrow::Cow<'_, str> {
+    // The first `/` ends the bare JID: neither part before it may hold one.
+    let (bare, resource) = jid.split_at(jid.find('/').unwrap_or(jid.len()));
+    match bare.strip_suffix('.') {
+        Some(bare) => format!("{bare}{resource}").into(),
+        None => jid.into(),
     }
 }
 
@@ -345,6 +362,23 @@ mod tests {
             Recipient::parse("ops@conference.example.com", d.domain()).expect("valid").to_string(),
             "ops@conference.example.com"
         );
+    }
+
+    #[test]
+    fn a_final_dot_in_the_domain_is_the_same_recipient() {
+        let d = domain();
+        for (written, meant) in [
+            ("bob@example.com.", "bob@example.com"),
+            ("bob@example.com./phone", "bob@example.com/phone"),
+            ("bob@example.com/ends with a dot.", "bob@example.com/ends with a dot."),
+            ("bob/desk.", "bob@example.com/desk."),
+            ("ops@conference.example.com.", "ops@conference.example.com"),
+        ] {
+            let parsed = Recipient::parse(written, d.domain()).expect("valid");
+            assert_eq!(parsed, Recipient::parse(meant, d.domain()).expect("valid"), "{written}");
+            assert_eq!(parsed.to_string(), meant);
+        }
+        assert!(Recipient::parse("bob@example.com..", d.domain()).is_err(), "one dot only");
     }
 
     #[test]
