@@ -405,7 +405,55 @@ fn prosody_user() -> String {
     std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into())
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, for a server a test starts.
+///
+/// Taken below the kernel's ephemeral range: a port the kernel hands out
+/// for `:0` is in that range, where any outgoing connection can take it as
+/// its local port before the server binds it (a relay's admin port was
+/// once "already in use" that way). Each test process counts through a
+/// block of its own (by its pid), so that tests running at once rarely
+/// pick the same port; a port something listens on is skipped.
 pub fn free_port() -> u16 {
+    const FLOOR: u32 = 10_000;
+    const BLOCK: u32 = 32;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let blocks = ephemeral_start.saturating_sub(FLOOR) / BLOCK;
+    if blocks > 0 {
+        let block = std::process::id() % blocks;
+        for _ in 0..BLOCK {
+            let port = FLOOR + block * BLOCK + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % BLOCK;
+            let port = u16::try_from(port).expect("below the ephemeral range");
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+        let ephemeral_start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .expect("Linux")
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a range");
+        let ports: Vec<u16> = (0..20).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        assert!(ports.iter().all(|p| *p < ephemeral_start), "{ports:?}");
+        // One taken is skipped.
+        let held = TcpListener::bind(("127.0.0.1", free_port())).expect("bind");
+        let taken = held.local_addr().expect("addr").port();
+        assert!((0..40).map(|_| free_port()).all(|p| p != taken));
+    }
 }
