@@ -130,13 +130,11 @@ impl Broker {
     /// Publishes a job to the work queue as an ingress would, marked
     /// idempotent if asked (as with an Idempotency-Key).
     pub async fn publish_job(&self, job: &herald_shared::Job, idempotent: bool) {
-        let mut properties = lapin::BasicProperties::default().with_delivery_mode(2);
+        let mut headers = lapin::types::FieldTable::default();
         if idempotent {
-            let mut headers = lapin::types::FieldTable::default();
             headers.insert(herald_shared::topology::headers::IDEMPOTENT.into(), lapin::types::AMQPValue::Boolean(true));
-            properties = properties.with_headers(headers);
         }
-        self.publish_work(&job.encode(), properties).await;
+        self.publish_job_with_headers(job, headers).await;
     }
 
     /// Publishes a job to the work queue with `headers` of anyone's

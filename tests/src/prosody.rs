@@ -417,11 +417,7 @@ pub fn free_port() -> u16 {
     const FLOOR: u32 = 10_000;
     const BLOCK: u32 = 32;
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    let blocks = ephemeral_start.saturating_sub(FLOOR) / BLOCK;
+    let blocks = u32::from(ephemeral_start()).saturating_sub(FLOOR) / BLOCK;
     if blocks > 0 {
         let block = std::process::id() % blocks;
         for _ in 0..BLOCK {
@@ -435,22 +431,25 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
+/// The first port of the kernel's ephemeral range (Linux's default if it
+/// cannot be read).
+fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
-        let ephemeral_start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .expect("Linux")
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("a range");
         let ports: Vec<u16> = (0..20).map(|_| free_port()).collect();
         let distinct: std::collections::HashSet<_> = ports.iter().collect();
         assert_eq!(distinct.len(), ports.len(), "{ports:?}");
-        assert!(ports.iter().all(|p| *p < ephemeral_start), "{ports:?}");
+        assert!(ports.iter().all(|p| *p < ephemeral_start()), "{ports:?}");
         // One taken is skipped.
         let held = TcpListener::bind(("127.0.0.1", free_port())).expect("bind");
         let taken = held.local_addr().expect("addr").port();

@@ -86,15 +86,6 @@ async fn hostile_input_is_refused_or_inert_and_the_stream_survives() {
     stack.stop().await;
 }
 
-/// A chat job from the stack's sender to `account`, as an ingress builds
-/// it but with any body, for publishing straight to the queue.
-fn job(stack: &Stack, account: &herald_tests::XmppAccount, body: String) -> herald_shared::Job {
-    let sender = herald_shared::Sender::parse(&stack.sender.jid).expect("sender");
-    let to = herald_shared::Recipient::parse(&account.jid, sender.domain()).expect("recipient");
-    let body = herald_shared::Body::parse(body, usize::MAX).expect("body");
-    herald_shared::Job::new_v1(sender, to, herald_shared::MessageKind::Chat, body, None, None)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_over_the_servers_stanza_limit_is_parked_not_sent() {
     let stack = Stack::start(StackOptions::default()).await;
@@ -103,7 +94,7 @@ async fn a_job_over_the_servers_stanza_limit_is_parked_not_sent() {
     // Queued by something other than the ingress (or an ingress with a
     // larger HERALD_MAX_BODY_BYTES): 100 KiB of `&` is 500 KiB of XML, and
     // Prosody would close the stream over it on every attempt.
-    let job = job(&stack, &account, "&".repeat(100 * 1024));
+    let job = stack.job(&account.jid, &"&".repeat(100 * 1024));
     stack.broker.publish_job(&job, false).await;
     let dead = stack.broker.topology().dead_queue();
     poll::until("the job to be parked", ARRIVAL, || async { (stack.broker.ready(&dead).await == 1).then_some(()) })
@@ -126,7 +117,7 @@ async fn a_forged_attempt_count_is_delivered_once_and_acked() {
     // The attempt header is the relay's own, but anyone who can publish to
     // the queue can set it: the largest count must not overflow when the
     // delivery is recorded (a panic there requeues the job, over and over).
-    let job = job(&stack, &account, "counted".to_owned());
+    let job = stack.job(&account.jid, "counted");
     let mut headers = lapin::types::FieldTable::default();
     headers.insert(headers::ATTEMPT.into(), lapin::types::AMQPValue::LongLongInt(i64::MAX));
     stack.broker.publish_job_with_headers(&job, headers).await;

@@ -148,15 +148,22 @@ mod tests {
         Uuid::from_u128(n)
     }
 
+    /// Another copy of job `n`, claimed on a task of its own and started
+    /// (it waits if a claim is in force): true if it is a duplicate.
+    async fn spawn_copy(seen: &Arc<Seen>, n: u128, resend: bool) -> tokio::task::JoinHandle<bool> {
+        let copy = tokio::spawn({
+            let seen = Arc::clone(seen);
+            async move { matches!(seen.claim(id(n), resend).await, Claimed::Delivered) }
+        });
+        tokio::task::yield_now().await;
+        copy
+    }
+
     #[tokio::test]
     async fn a_copy_waits_for_the_claim_and_is_a_duplicate_if_it_was_delivered() {
         let seen = Arc::new(Seen::new(Duration::from_secs(60)));
         let Claimed::New(claim) = seen.claim(id(1), false).await else { panic!("first claim") };
-        let copy = tokio::spawn({
-            let seen = Arc::clone(&seen);
-            async move { matches!(seen.claim(id(1), false).await, Claimed::Delivered) }
-        });
-        tokio::task::yield_now().await;
+        let copy = spawn_copy(&seen, 1, false).await;
         assert!(!copy.is_finished(), "the copy waits while the first attempt runs");
         claim.remember(true);
         claim.delivered();
@@ -168,11 +175,7 @@ mod tests {
     async fn a_plain_job_is_a_duplicate_while_claimed_and_forgotten_after() {
         let seen = Arc::new(Seen::new(Duration::from_secs(60)));
         let Claimed::New(claim) = seen.claim(id(2), false).await else { panic!("first claim") };
-        let copy = tokio::spawn({
-            let seen = Arc::clone(&seen);
-            async move { matches!(seen.claim(id(2), false).await, Claimed::Delivered) }
-        });
-        tokio::task::yield_now().await;
+        let copy = spawn_copy(&seen, 2, false).await;
         claim.remember(false);
         claim.delivered();
         assert!(copy.await.expect("task"), "the copy that waited is a duplicate");
@@ -201,16 +204,12 @@ mod tests {
     async fn a_copy_takes_over_an_attempt_that_bounced_in_flight() {
         let seen = Arc::new(Seen::new(Duration::from_secs(60)));
         let Claimed::New(claim) = seen.claim(id(1), false).await else { panic!("first claim") };
-        let copy = tokio::spawn({
-            let seen = Arc::clone(&seen);
-            async move { matches!(seen.claim(id(1), false).await, Claimed::New(_)) }
-        });
-        tokio::task::yield_now().await;
+        let copy = spawn_copy(&seen, 1, false).await;
         claim.remember(true);
         tokio::task::yield_now().await;
         assert!(!copy.is_finished(), "the copy waits while the attempt waits for its ack");
         claim.bounced();
-        assert!(copy.await.expect("task"), "the copy is sent, not acked as a duplicate");
+        assert!(!copy.await.expect("task"), "the copy is sent, not acked as a duplicate");
         assert!(matches!(seen.claim(id(1), false).await, Claimed::New(_)), "nor is a later copy a duplicate");
     }
 
@@ -222,11 +221,7 @@ mod tests {
         claim.delivered();
         assert!(matches!(seen.claim(id(1), false).await, Claimed::Delivered), "an ordinary copy is a duplicate");
         let Claimed::New(claim) = seen.claim(id(1), true).await else { panic!("a resend is sent") };
-        let waiting = tokio::spawn({
-            let seen = Arc::clone(&seen);
-            async move { matches!(seen.claim(id(1), true).await, Claimed::Delivered) }
-        });
-        tokio::task::yield_now().await;
+        let waiting = spawn_copy(&seen, 1, true).await;
         assert!(!waiting.is_finished(), "another copy waits for the resend in flight");
         claim.remember(true);
         claim.delivered();
