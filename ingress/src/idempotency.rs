@@ -16,9 +16,15 @@ pub const HEADER: &str = "idempotency-key";
 /// Longest key accepted.
 pub const MAX_KEY_BYTES: usize = 256;
 
-/// Reads the header: visible ASCII, 1 to 256 bytes.
+/// Reads the header: visible ASCII, 1 to 256 bytes, given once. Two keys
+/// are refused rather than one of them chosen: either could be the one the
+/// client meant to repeat with.
 pub fn key_from(headers: &axum::http::HeaderMap) -> Result<Option<String>, Error> {
-    let Some(value) = headers.get(HEADER) else { return Ok(None) };
+    let mut values = headers.get_all(HEADER).iter();
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(Error::Malformed("Idempotency-Key is given more than once".into()));
+    }
     let key = value
         .to_str()
         .ok()
@@ -44,5 +50,16 @@ mod tests {
             headers.insert(HEADER, HeaderValue::from_str(bad).expect("header value"));
             assert!(key_from(&headers).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused() {
+        let mut headers = HeaderMap::new();
+        headers.append(HEADER, HeaderValue::from_static("deploy-42"));
+        headers.append(HEADER, HeaderValue::from_static("deploy-42"));
+        assert!(key_from(&headers).is_err(), "the same key twice");
+        headers.insert(HEADER, HeaderValue::from_static("deploy-42"));
+        headers.append(HEADER, HeaderValue::from_static("deploy-43"));
+        assert!(key_from(&headers).is_err(), "two keys");
     }
 }
