@@ -5,8 +5,10 @@
 //! throttle or queue, and a wrong token costs a hash and a lookup.
 //!
 //! argon2 costs tens of milliseconds of CPU, so a successful check is
-//! remembered for a short time under a keyed BLAKE2 hash of the credentials
-//! (the key is random per process; the password itself is never kept).
+//! remembered for a short time under a keyed BLAKE2 hash of the
+//! `Authorization` header as sent (the key is random per process; the
+//! password itself is never kept), so a remembered login decodes and parses
+//! nothing.
 //! Failures are never cached. An unknown user costs one argon2 verification
 //! too, so that timing does not tell which accounts exist.
 //!
@@ -187,6 +189,10 @@ impl Authenticator {
         if let Some(token) = bearer_token(headers) {
             return self.authenticate_token(token, client);
         }
+        let key = self.cache_key(headers);
+        if let Some(user) = self.cached(&key) {
+            return Ok(user);
+        }
         let (jid_text, password) = basic_credentials(headers).ok_or(Error::Unauthorized)?;
         let Ok(jid) = Sender::parse(&jid_text) else {
             // Counted against the address only: an account table keyed by
@@ -195,10 +201,6 @@ impl Authenticator {
             self.throttle.failed_address(client);
             return Err(Error::Unauthorized);
         };
-        let key = self.cache_key(&jid, &password);
-        if self.cached(&key, &jid) {
-            return self.users().get(&jid).cloned().ok_or(Error::Unauthorized);
-        }
         // The same credentials are being checked already: wait for that
         // check, then for the cache (same password, same answer). A check
         // that ended without a verdict says nothing of these credentials.
@@ -210,8 +212,8 @@ impl Authenticator {
                     if tokio::time::timeout(self.admission.retry_after(), wait).await.is_err() {
                         return Err(Error::Overloaded(self.admission.retry_after().as_secs()));
                     }
-                    if self.cached(&key, &jid) {
-                        return self.users().get(&jid).cloned().ok_or(Error::Unauthorized);
+                    if let Some(user) = self.cached(&key) {
+                        return Ok(user);
                     }
                     if *done.borrow() {
                         return Err(Error::Unauthorized);
@@ -323,32 +325,36 @@ impl Authenticator {
         self.verifier.verify(hash, password.as_bytes()) && known
     }
 
-    fn cache_key(&self, jid: &Sender, password: &str) -> CacheKey {
+    /// The `Authorization` header's bytes name the user and the password
+    /// (Basic is base64 of both), so they key the cache as they are: the
+    /// same credentials written another way are remembered apart.
+    fn cache_key(&self, headers: &HeaderMap) -> CacheKey {
+        let authorization = headers.get(axum::http::header::AUTHORIZATION).map_or(&b""[..], |v| v.as_bytes());
         let mut mac = <Blake2bMac512 as KeyInit>::new_from_slice(&self.mac_key).expect("32-byte key is valid");
-        mac.update(jid.to_string().as_bytes());
-        mac.update(&[0]);
-        mac.update(password.as_bytes());
+        mac.update(authorization);
         mac.finalize().into_bytes().into()
     }
 
-    fn cached(&self, key: &CacheKey, jid: &Sender) -> bool {
-        self.cached_at(key, jid, Instant::now())
+    /// The user of a remembered login, as the users file has it now.
+    fn cached(&self, key: &CacheKey) -> Option<User> {
+        let jid = self.cached_at(key, Instant::now())?;
+        self.users().get(&jid).cloned()
     }
 
     /// A hit keeps the entry for another `ttl`: a client that comes back
     /// within it never needs argon2 again, so it can never be locked out
     /// by someone guessing its account's password.
-    fn cached_at(&self, key: &CacheKey, jid: &Sender, now: Instant) -> bool {
+    fn cached_at(&self, key: &CacheKey, now: Instant) -> Option<Sender> {
         if self.ttl.is_zero() {
-            return false;
+            return None;
         }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         match cache.get_mut(key) {
-            Some((cached_jid, expires)) if cached_jid == jid && *expires > now => {
+            Some((jid, expires)) if *expires > now => {
                 *expires = now + self.ttl;
-                true
+                Some(jid.clone())
             }
-            _ => false,
+            _ => None,
         }
     }
 
@@ -566,17 +572,20 @@ mod tests {
         let ttl = Duration::from_secs(300);
         let auth = authenticator(ttl);
         let jid = Sender::parse("a@example.com").expect("jid");
-        let key = auth.cache_key(&jid, "s3cret:with colon");
+        let key = auth.cache_key(&basic("a@example.com", "s3cret:with colon"));
         let start = Instant::now();
         auth.remember_at(key, jid.clone(), start);
         // Used every 200 s, it outlives the first 300 s many times over.
         for step in 1..=10u32 {
-            assert!(auth.cached_at(&key, &jid, start + Duration::from_secs(200) * step), "still cached at step {step}");
+            let at = start + Duration::from_secs(200) * step;
+            assert_eq!(auth.cached_at(&key, at).as_ref(), Some(&jid), "still cached at step {step}");
         }
         // Unused for a whole TTL, it is gone.
-        assert!(!auth.cached_at(&key, &jid, start + Duration::from_secs(2000) + ttl));
-        let other = Sender::parse("b@example.com").expect("jid");
-        assert!(!auth.cached_at(&key, &other, start), "the entry answers only for its own user");
+        assert_eq!(auth.cached_at(&key, start + Duration::from_secs(2000) + ttl), None);
+        // Other credentials, or another user's, have keys of their own.
+        for (user, password) in [("a@example.com", "s3cret:with colo"), ("b@example.com", "s3cret:with colon")] {
+            assert_ne!(auth.cache_key(&basic(user, password)), key, "{user}:{password}");
+        }
     }
 
     #[tokio::test]

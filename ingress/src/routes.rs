@@ -262,7 +262,14 @@ async fn enqueue(state: &AppState, user: &User, raw: RawMessage, key: Option<Str
     // repeats the others; 202 only once the broker confirmed every one.
     let started = std::time::Instant::now();
     let idempotent = key.is_some();
-    futures::future::try_join_all(jobs.iter().map(|job| publisher::publish(&state.publisher, job, idempotent))).await?;
+    match jobs.as_slice() {
+        // Most requests have one recipient: no futures to collect.
+        [job] => publisher::publish(&state.publisher, job, idempotent).await?,
+        jobs => {
+            futures::future::try_join_all(jobs.iter().map(|job| publisher::publish(&state.publisher, job, idempotent)))
+                .await?;
+        }
+    }
     state.metrics.publish_seconds.observe(started.elapsed().as_secs_f64());
     state.metrics.jobs_published.inc_by(jobs.len() as u64);
     // Only now, once the broker has them: a repeat must never be answered
