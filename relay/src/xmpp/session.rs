@@ -493,6 +493,7 @@ impl Session {
     /// Returns until when the outbox is held back instead, if it is (see
     /// `hold_deadline`).
     fn flush_outbox(&mut self) -> Option<Instant> {
+        drop_abandoned(&mut self.outbox);
         let oldest = self.outbox.front()?.since;
         if let Some(until) =
             hold_deadline(self.stream_management, self.unacked(), self.outbox.len(), oldest, Instant::now())
@@ -513,6 +514,7 @@ impl Session {
                 let connection = self.health.connections.current();
                 let _ = reply.send(Ok(InFlight { token, connection, ping }));
             }
+            drop_abandoned(&mut self.outbox);
         }
         None
     }
@@ -736,6 +738,15 @@ impl Session {
     }
 }
 
+/// Drops the jobs at the head of the outbox whose delivery gave up waiting
+/// for the stream to take them (`Session::deliver`): each is being retried
+/// already, so sending it now would deliver it twice.
+fn drop_abandoned(outbox: &mut VecDeque<Queued>) {
+    while outbox.front().is_some_and(|q| matches!(&q.stanza, Out::Job(_, reply) if reply.is_closed())) {
+        outbox.pop_front();
+    }
+}
+
 /// Sleeps until `at`; never wakes for `None`.
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
@@ -833,5 +844,29 @@ mod tests {
         // Never longer than HOLD, nor for a full batch.
         assert_eq!(hold_deadline(true, true, 1, oldest, oldest + HOLD), None);
         assert_eq!(hold_deadline(true, true, HOLD_BATCH, oldest, soon), None);
+    }
+
+    #[test]
+    fn jobs_that_gave_up_waiting_at_the_head_of_the_outbox_are_not_sent() {
+        let queued = |stanza| Queued { stanza, since: Instant::now() };
+        let job = || {
+            let (reply, waiting) = oneshot::channel();
+            (queued(Out::Job(Box::new(Message::new(None)), reply)), waiting)
+        };
+        let (gave_up, abandoned) = job();
+        drop(abandoned);
+        let (waits, _waiting) = job();
+        let (gave_up_later, abandoned_later) = job();
+        drop(abandoned_later);
+        let presence = queued(Out::Presence(Box::new(Presence::available())));
+        let mut outbox = VecDeque::from([gave_up, waits, gave_up_later, presence]);
+
+        drop_abandoned(&mut outbox);
+        assert!(matches!(&outbox.front().map(|q| &q.stanza), Some(Out::Job(_, reply)) if !reply.is_closed()));
+        assert_eq!(outbox.len(), 3, "only the head is looked at");
+        outbox.pop_front();
+        drop_abandoned(&mut outbox);
+        assert!(matches!(&outbox.front().map(|q| &q.stanza), Some(Out::Presence(_))), "a presence is not a job");
+        assert_eq!(outbox.len(), 1);
     }
 }
