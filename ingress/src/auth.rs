@@ -100,7 +100,7 @@ impl Drop for Checking {
 /// The user a request authenticated as: an extractor that runs before the
 /// body is read, so an unauthenticated request never gets its body read.
 #[derive(Debug, Clone)]
-pub struct Authenticated(pub User);
+pub struct Authenticated(pub Arc<User>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Authenticated
 where
@@ -185,7 +185,7 @@ impl Authenticator {
 
     /// Checks the `Authorization` header of a request from `client` and
     /// returns the user it names.
-    pub async fn authenticate(self: &Arc<Self>, headers: &HeaderMap, client: IpAddr) -> Result<User, Error> {
+    pub async fn authenticate(self: &Arc<Self>, headers: &HeaderMap, client: IpAddr) -> Result<Arc<User>, Error> {
         if let Some(token) = bearer_token(headers) {
             return self.authenticate_token(token, client);
         }
@@ -259,11 +259,11 @@ impl Authenticator {
     }
 
     /// A bearer token: its digest is looked up, nothing else.
-    fn authenticate_token(&self, token: &str, client: IpAddr) -> Result<User, Error> {
+    fn authenticate_token(&self, token: &str, client: IpAddr) -> Result<Arc<User>, Error> {
         match self.users().by_token(token) {
             Some((user, found)) => {
                 tracing::debug!(%client, user = %user.jid, token = %found.name, "token accepted");
-                Ok(user.clone())
+                Ok(Arc::clone(user))
             }
             None => {
                 static REPEATED: Repeated = Repeated::new(Duration::from_secs(1));
@@ -336,7 +336,7 @@ impl Authenticator {
     }
 
     /// The user of a remembered login, as the users file has it now.
-    fn cached(&self, key: &CacheKey) -> Option<User> {
+    fn cached(&self, key: &CacheKey) -> Option<Arc<User>> {
         let jid = self.cached_at(key, Instant::now())?;
         self.users().get(&jid).cloned()
     }

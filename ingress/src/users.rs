@@ -25,6 +25,7 @@ use herald_shared::Sender;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,12 +101,13 @@ pub struct User {
     /// Whom messages from this user are sent as.
     pub sender: Sender,
     /// Shared by every request of this user (the rate limit's bucket).
-    pub policy: std::sync::Arc<Policy>,
+    pub policy: Arc<Policy>,
 }
 
 #[derive(Debug, Default)]
 pub struct Users {
-    by_jid: HashMap<Sender, User>,
+    /// Shared with the requests that authenticated as them.
+    by_jid: HashMap<Sender, Arc<User>>,
     tokens: HashMap<TokenDigest, Token>,
 }
 
@@ -129,13 +131,8 @@ impl Users {
             };
             let policy = Policy::parse(entry.allow, entry.rate.as_deref(), entry.burst)
                 .map_err(|e| format!("user {jid}: {e}"))?;
-            let user = User {
-                jid: jid.clone(),
-                password_hash: entry.password_hash,
-                sender,
-                policy: std::sync::Arc::new(policy),
-            };
-            if by_jid.insert(jid.clone(), user).is_some() {
+            let user = User { jid: jid.clone(), password_hash: entry.password_hash, sender, policy: Arc::new(policy) };
+            if by_jid.insert(jid.clone(), Arc::new(user)).is_some() {
                 return Err(format!("user {jid} is listed twice"));
             }
         }
@@ -157,12 +154,12 @@ impl Users {
         Ok(Self { by_jid, tokens })
     }
 
-    pub fn get(&self, jid: &Sender) -> Option<&User> {
+    pub fn get(&self, jid: &Sender) -> Option<&Arc<User>> {
         self.by_jid.get(jid)
     }
 
     /// The user a presented token belongs to, and the token.
-    pub fn by_token(&self, token: &str) -> Option<(&User, &Token)> {
+    pub fn by_token(&self, token: &str) -> Option<(&Arc<User>, &Token)> {
         let token = self.tokens.get(&token_digest(token))?;
         Some((self.by_jid.get(&token.user)?, token))
     }

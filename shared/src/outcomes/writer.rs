@@ -35,7 +35,8 @@ const FINAL_FLUSH: Duration = Duration::from_secs(5);
 pub struct Writer {
     tx: mpsc::Sender<Record>,
     metrics: Metrics,
-    id: String,
+    /// Shared: the ingress clones its writer with its state for every request.
+    id: std::sync::Arc<str>,
 }
 
 impl Writer {
@@ -49,7 +50,7 @@ impl Writer {
         let stream = topology.outcomes_stream();
         let id = format!("{service}/{}", uuid::Uuid::now_v7().simple());
         let channel = ConfirmChannel::new(urls, &format!("{service} outcomes"), topology, Vec::new());
-        (Self { tx, metrics: metrics.clone(), id: id.clone() }, WriterTask { rx, channel, stream, metrics, id })
+        (Self { tx, metrics: metrics.clone(), id: id.as_str().into() }, WriterTask { rx, channel, stream, metrics, id })
     }
 
     /// This writer's id, as its batches carry it.
