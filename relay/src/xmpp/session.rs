@@ -669,11 +669,10 @@ impl Session {
             Joined::NotARoom => {}
             Joined::Ready(room, waiting) => {
                 tracing::info!(account = %self.account.jid, %room, "joined the room");
+                // One that gave up waiting meanwhile is dropped before it
+                // is sent (`drop_abandoned`).
                 for job in waiting {
-                    // A job that gave up waiting has been retried already.
-                    if !job.reply.is_closed() {
-                        self.transmit(job);
-                    }
+                    self.transmit(job);
                 }
             }
             Joined::TryAnotherNick(join) => {
